@@ -1,0 +1,80 @@
+"""Normalisation, feature selection, embedding, Leiden clustering and marker genes."""
+from __future__ import annotations
+
+import logging
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+from scipy.sparse.csgraph import connected_components
+
+from metastem.errors import MetastemError
+
+log = logging.getLogger(__name__)
+
+
+def normalize(adata: ad.AnnData, *, values: str, target_sum: float) -> str:
+    """Bring X to log-normalised values; raw counts are kept in ``layers['counts']``.
+
+    Counts are depth-normalised then log1p'd; 'normalized' values are only log1p'd; 'log' values are
+    used as they are. Returns a sentence for the methods section.
+    """
+    import scanpy as sc
+
+    if values == "counts":
+        adata.layers["counts"] = adata.X.copy()
+        sc.pp.normalize_total(adata, target_sum=target_sum)
+        sc.pp.log1p(adata)
+        return f"counts normalised to {target_sum:g} per cell and log1p-transformed"
+    if values == "normalized":
+        sc.pp.log1p(adata)
+        return "normalised values log1p-transformed (count normalisation skipped: values are not counts)"
+    adata.uns["log1p"] = {"base": None}
+    return "log values used as given (count normalisation skipped: values are not counts)"
+
+
+def embed_and_cluster(adata: ad.AnnData, params: dict, seed: int = 0) -> list[str]:
+    """HVG → PCA → kNN graph → UMAP → Leiden, in place. Returns notes for the log and report."""
+    import scanpy as sc
+
+    notes = []
+    n_top = min(params["n_top_genes"], adata.n_vars)
+    sc.pp.highly_variable_genes(adata, n_top_genes=n_top, flavor="seurat")
+    n_hvg = int(adata.var["highly_variable"].sum())
+    n_pcs = min(params["n_pcs"], adata.n_obs - 1, n_hvg - 1)
+    if n_pcs < params["n_pcs"]:
+        notes.append(f"n_pcs reduced to {n_pcs} (data has {adata.n_obs} cells, {n_hvg} variable genes)")
+    sc.pp.pca(adata, n_comps=n_pcs, mask_var="highly_variable", svd_solver="arpack", random_state=seed)
+    n_neighbors = min(params["n_neighbors"], adata.n_obs - 1)
+    sc.pp.neighbors(adata, n_neighbors=n_neighbors, n_pcs=n_pcs, random_state=seed)
+    n_comp, labels = connected_components(adata.obsp["connectivities"], directed=False)
+    adata.obs["knn_component"] = pd.Categorical(labels.astype(str))
+    if n_comp > 1:
+        sizes = np.bincount(labels)
+        notes.append(f"the kNN graph has {n_comp} disconnected components (sizes {sorted(sizes.tolist(), reverse=True)[:5]}); "
+                     "pseudotime cannot cross them and reports unreachable cells")
+    sc.tl.umap(adata, min_dist=params["umap_min_dist"], random_state=seed)
+    sc.tl.leiden(adata, resolution=params["resolution"], random_state=seed, flavor="igraph",
+                 n_iterations=2, directed=False, key_added="leiden")
+    n_clusters = adata.obs["leiden"].nunique()
+    if n_clusters < 2:
+        raise MetastemError(f"Leiden found a single cluster in {adata.n_obs} cells at resolution {params['resolution']}",
+                            fix="raise cluster.resolution for this dataset (params column), or check that QC left a heterogeneous sample")
+    for note in notes:
+        log.warning(note)
+    return notes
+
+
+def marker_genes(adata: ad.AnnData, n_genes: int) -> pd.DataFrame:
+    """Wilcoxon markers per Leiden cluster as a tidy table."""
+    import scanpy as sc
+
+    sc.tl.rank_genes_groups(adata, groupby="leiden", method="wilcoxon", use_raw=False, pts=True,
+                            key_added="markers")
+    df = sc.get.rank_genes_groups_df(adata, group=None, key="markers")
+    df = df.sort_values(["group", "scores"], ascending=[True, False]).groupby("group", observed=True).head(n_genes)
+    df = df.rename(columns={"group": "cluster", "names": "gene", "logfoldchanges": "log2fc",
+                            "pvals": "pval", "pvals_adj": "pval_adj", "pct_nz_group": "frac_in",
+                            "pct_nz_reference": "frac_out"})
+    del adata.uns["markers"]
+    return df.reset_index(drop=True)

@@ -1,0 +1,239 @@
+"""Reading every supported input format into one shape of AnnData, and checking it.
+
+After ``read_dataset`` the AnnData has cells as rows, unique cell barcodes, unique gene symbols as
+var_names, X as CSR float32 with finite, non-negative values (integers when declared counts).
+Every problem is a ``MetastemError`` that names what to fix; nothing from deep inside a reader leaks.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import tempfile
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from metastem.errors import MetastemError
+
+log = logging.getLogger(__name__)
+
+_ENSEMBL = re.compile(r"^ENS[A-Z]*G\d{6,}(\.\d+)?$")
+SYMBOL_COLUMNS = ("gene_symbols", "gene_symbol", "gene_name", "gene_names", "symbol", "feature_name",
+                  "gene_ids_symbol", "Gene", "gene")
+
+
+def _find(directory: Path, stems: tuple[str, ...]) -> Path | None:
+    for stem in stems:
+        for suffix in ("", ".gz"):
+            p = directory / f"{stem}{suffix}"
+            if p.exists():
+                return p
+    return None
+
+
+def read_10x_mtx(path: str) -> ad.AnnData:
+    """A Cell Ranger matrix folder (matrix.mtx, barcodes.tsv, features.tsv or genes.tsv; gzipped or not)."""
+    import scanpy as sc
+
+    d = Path(path)
+    missing = [name for name, stems in (("matrix.mtx", ("matrix.mtx",)), ("barcodes.tsv", ("barcodes.tsv",)),
+                                        ("features.tsv", ("features.tsv", "genes.tsv")))
+               if _find(d, stems) is None]
+    if missing:
+        raise MetastemError(f"10x directory is missing {', '.join(missing)}",
+                            fix="point 'path' at the Cell Ranger filtered_feature_bc_matrix folder with all three files")
+    try:
+        adata = sc.read_10x_mtx(d, var_names="gene_symbols", make_unique=False, gex_only=True)
+    except Exception as exc:
+        raise MetastemError(f"10x directory does not parse ({type(exc).__name__}: {exc})",
+                            fix="re-export the matrix; the three files must agree in size") from None
+    return adata
+
+
+def read_10x_h5(path: str) -> ad.AnnData:
+    import scanpy as sc
+
+    try:
+        adata = sc.read_10x_h5(path, gex_only=True)
+    except Exception as exc:
+        raise MetastemError(f"not a readable 10x HDF5 file ({type(exc).__name__}: {exc})",
+                            fix="re-download the Cell Ranger .h5, or declare the right format") from None
+    return adata
+
+
+def read_h5ad(path: str) -> ad.AnnData:
+    try:
+        return ad.read_h5ad(path)
+    except Exception as exc:
+        raise MetastemError(f"h5ad file is truncated or corrupt ({type(exc).__name__})",
+                            fix="re-export it with anndata's write_h5ad") from None
+
+
+def read_loom(path: str) -> ad.AnnData:
+    try:
+        adata = ad.read_loom(path, sparse=True, validate=False)
+    except Exception as exc:
+        raise MetastemError(f"loom file does not parse ({type(exc).__name__}: {exc})",
+                            fix="re-export it with loompy") from None
+    return adata
+
+
+def read_text_matrix(path: str, sep: str, orientation: str) -> ad.AnnData:
+    """A dense CSV/TSV: first column holds row names, header holds column names."""
+    try:
+        df = pd.read_csv(path, sep=sep, index_col=0)
+    except pd.errors.EmptyDataError:
+        raise MetastemError("text matrix is empty", fix="re-export the matrix") from None
+    except Exception as exc:
+        raise MetastemError(f"text matrix does not parse ({type(exc).__name__}: {exc})",
+                            fix=f"use a {'comma' if sep == ',' else 'tab'}-separated table with names in the first row and column") from None
+    if df.shape[0] == 0 or df.shape[1] == 0:
+        raise MetastemError(f"text matrix has a header but no data ({df.shape[0]} rows x {df.shape[1]} columns)",
+                            fix="export the full matrix, not just its header")
+    non_numeric = [c for c in df.columns if not pd.api.types.is_numeric_dtype(df[c])]
+    if non_numeric:
+        raise MetastemError(f"text matrix has non-numeric columns (e.g. {non_numeric[:3]})",
+                            fix="keep only the expression values, with names in the first column and header")
+    if orientation == "genes_x_cells":
+        df = df.T
+    X = sp.csr_matrix(df.to_numpy(dtype=np.float32))
+    return ad.AnnData(X=X, obs=pd.DataFrame(index=df.index.astype(str)), var=pd.DataFrame(index=df.columns.astype(str)))
+
+
+def file_checksum(path: str, algorithm: str = "sha256") -> str:
+    """Checksum of a file, or of every file in a folder (sorted by name), for provenance."""
+    h = hashlib.new(algorithm)
+    p = Path(path)
+    files = sorted(q for q in p.rglob("*") if q.is_file()) if p.is_dir() else [p]
+    for f in files:
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    return f"{algorithm}:{h.hexdigest()}"
+
+
+def _use_symbols(adata: ad.AnnData) -> None:
+    """Replace Ensembl IDs by gene symbols when a symbol column exists; otherwise it is an error."""
+    names = adata.var_names.astype(str)
+    frac_ens = np.mean([bool(_ENSEMBL.match(n)) for n in names[:2000]]) if len(names) else 0
+    if frac_ens < 0.5:
+        return
+    for col in SYMBOL_COLUMNS:
+        if col in adata.var.columns and not adata.var[col].astype(str).str.match(_ENSEMBL).mean() > 0.5:
+            sym = adata.var[col].astype(str)
+            adata.var["gene_ids"] = names
+            adata.var_names = pd.Index(np.where(sym.isin(["", "nan", "None"]), names, sym))
+            log.info("var names were Ensembl IDs; using symbols from var['%s']", col)
+            return
+    raise MetastemError("genes are Ensembl IDs and no gene-symbol column was found in var",
+                        fix=f"add a var column with symbols (one of {', '.join(SYMBOL_COLUMNS[:4])}) or convert IDs to symbols")
+
+
+def check_species(adata: ad.AnnData, species: str) -> None:
+    """Mouse symbols are capitalised (Actb), human ones upper-case (ACTB): a mismatch ruins every gene set."""
+    names = pd.Index(adata.var_names.astype(str))
+    letters = names[names.str.match(r"^[A-Za-z][A-Za-z0-9]+$")]
+    if len(letters) < 20:
+        return
+    upper = letters.str.fullmatch(r"[A-Z0-9]+").mean()
+    capital = letters.str.fullmatch(r"[A-Z][a-z0-9]+").mean()
+    if species == "human" and capital > 0.5 and not names.str.startswith("MT-").any():
+        raise MetastemError(f"declared human but {capital:.0%} of gene symbols look like mouse (e.g. {', '.join(letters[letters.str.fullmatch(r'[A-Z][a-z0-9]+')][:3])}) and no MT- genes were found",
+                            fix="set species to mouse in the dataset sheet")
+    if species == "mouse" and upper > 0.5 and not names.str.startswith("mt-").any():
+        raise MetastemError(f"declared mouse but {upper:.0%} of gene symbols look like human (e.g. {', '.join(letters[letters.str.fullmatch(r'[A-Z0-9]+')][:3])}) and no mt- genes were found",
+                            fix="set species to human in the dataset sheet")
+
+
+def validate_matrix(adata: ad.AnnData, values: str) -> ad.AnnData:
+    """Check shape and values; return AnnData with CSR float32 X and unique names."""
+    if adata.n_obs == 0 or adata.n_vars == 0:
+        raise MetastemError(f"matrix has {adata.n_obs} cells and {adata.n_vars} genes",
+                            fix="check the export; for csv/tsv check the 'orientation' column")
+    X = adata.X
+    if X is None:
+        raise MetastemError("the file holds no expression matrix X", fix="store expression values in X")
+    if not sp.issparse(X):
+        X = sp.csr_matrix(np.asarray(X, dtype=np.float32))
+    X = sp.csr_matrix(X, dtype=np.float32)
+    data = X.data
+    if not np.isfinite(data).all():
+        raise MetastemError(f"matrix has {int((~np.isfinite(data)).sum())} NaN or infinite values",
+                            fix="replace missing values by 0 or remove the affected cells/genes")
+    if (data < 0).any():
+        raise MetastemError(f"matrix has {int((data < 0).sum())} negative values (scaled or batch-corrected data?)",
+                            fix="provide counts, normalized or log-normalized values, which are never negative")
+    if values == "counts" and data.size and not np.all(data == np.round(data)):
+        raise MetastemError("values declared 'counts' but the matrix holds non-integer values",
+                            fix="set values to 'normalized' or 'log' in the dataset sheet")
+    adata.X = X
+    if adata.obs_names.has_duplicates:
+        dup = adata.obs_names[adata.obs_names.duplicated()].unique()
+        raise MetastemError(f"{len(dup)} duplicate cell barcodes (e.g. {', '.join(map(str, dup[:3]))})",
+                            fix="make barcodes unique, e.g. prefix them with the sample name")
+    _use_symbols(adata)
+    if adata.var_names.has_duplicates:
+        n = int(adata.var_names.duplicated().sum())
+        log.warning("%d duplicate gene symbols made unique (suffixes -1, -2, ...)", n)
+        adata.var_names_make_unique()
+    adata.obs_names = adata.obs_names.astype(str)
+    adata.var_names = adata.var_names.astype(str)
+    return adata
+
+
+def read_dataset(row: dict, params: dict) -> ad.AnnData:
+    """Read one sheet row into a validated AnnData, whatever its format."""
+    from metastem.simulate import simulate_tumour
+
+    fmt, path = row["format"], row["path"]
+    try:
+        if fmt == "simulated":
+            sim = params["simulate"]
+            adata = simulate_tumour(sim["n_cells"], sim["n_genes"], seed=params["seed"],
+                                    frac_doublets=sim["frac_doublets"], frac_low_quality=sim["frac_low_quality"],
+                                    mean_library_size=sim["mean_library_size"])
+        else:
+            if not os.path.exists(path):
+                raise MetastemError("file not found", fix="correct the 'path' column")
+            if os.path.isfile(path) and os.path.getsize(path) == 0:
+                raise MetastemError("file is empty", fix="re-export or re-download it")
+            reader = {"10x_mtx": read_10x_mtx, "10x_h5": read_10x_h5, "h5ad": read_h5ad, "loom": read_loom,
+                      "csv": lambda p: read_text_matrix(p, ",", row["orientation"]),
+                      "tsv": lambda p: read_text_matrix(p, "\t", row["orientation"])}[fmt]
+            adata = reader(path)
+        adata = validate_matrix(adata, row["values"])
+        check_species(adata, row["species"])
+        if row.get("labels") and row["labels"] not in adata.obs.columns:
+            raise MetastemError(f"labels column '{row['labels']}' is not in obs (has: {', '.join(map(str, adata.obs.columns[:10])) or 'none'})",
+                                fix="name an existing obs column in 'labels' or leave it empty")
+    except MetastemError as err:
+        raise err.with_context(dataset=row["dataset"], file=path or "(simulated)")
+    return adata
+
+
+def write_h5ad_atomic(adata: ad.AnnData, path: str | os.PathLike) -> None:
+    """Write to a temporary name in the same folder, then rename: no half-written file ever has the real name."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        adata.write_h5ad(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_table_atomic(df: pd.DataFrame, path: str | os.PathLike, **kwargs) -> None:
+    """TSV written under a temporary name, then renamed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    df.to_csv(tmp, sep="\t", **kwargs)
+    os.replace(tmp, path)

@@ -1,0 +1,164 @@
+"""Per-cell quality control: metrics, adaptive MAD thresholds, doublets, gene filter.
+
+Defaults follow the single-cell best-practices guide (Heumos et al., Nat Rev Genet 2023): a cell is an
+outlier when it lies more than 5 MADs from the median of log1p(total counts) or log1p(genes detected),
+or more than 3 MADs above the median % mitochondrial counts, or above a hard % mito ceiling.
+"""
+from __future__ import annotations
+
+import logging
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+
+from metastem.errors import MetastemError
+
+log = logging.getLogger(__name__)
+
+REASONS = ["low_or_high_counts", "low_or_high_genes", "high_mito", "high_hb", "fixed_threshold", "doublet"]
+
+
+def gene_flags(var_names: pd.Index, species: str) -> dict[str, np.ndarray]:
+    """Mitochondrial, ribosomal and haemoglobin genes by species-specific prefixes."""
+    names = pd.Index(var_names.astype(str))
+    if species == "mouse":
+        return {"mt": names.str.startswith("mt-"), "ribo": names.str.match(r"^Rp[sl]\d"),
+                "hb": names.str.match(r"^Hb[ab]-|^Hb[ab]\d?$|^Hb[bg]-")}
+    return {"mt": names.str.startswith("MT-"), "ribo": names.str.match(r"^RP[SL]\d"),
+            "hb": names.str.match(r"^HB[ABDGEMQZ]\d?$")}
+
+
+def compute_qc_metrics(adata: ad.AnnData, species: str) -> None:
+    """Add n_genes_by_counts, total_counts and pct_counts_{mt,ribo,hb} to obs (in place)."""
+    import scanpy as sc
+
+    for key, mask in gene_flags(adata.var_names, species).items():
+        adata.var[key] = mask
+    sc.pp.calculate_qc_metrics(adata, qc_vars=["mt", "ribo", "hb"], percent_top=None, log1p=False, inplace=True)
+
+
+def mad_bounds(x: np.ndarray, nmads: float) -> tuple[float, float]:
+    """median ± nmads * MAD (unscaled MAD, as in the best-practices guide)."""
+    med = float(np.median(x))
+    mad = float(np.median(np.abs(x - med)))
+    return med - nmads * mad, med + nmads * mad
+
+
+def qc_thresholds(obs: pd.DataFrame, qc: dict, values: str) -> dict[str, dict[str, float | None]]:
+    """Thresholds actually applied, in the metrics' own units (not logs), for tables and plots."""
+    th: dict[str, dict[str, float | None]] = {}
+    if values == "counts":
+        lo, hi = mad_bounds(np.log1p(obs["total_counts"].to_numpy()), qc["nmads_counts"])
+        th["total_counts"] = {"low": float(np.expm1(lo)), "high": float(np.expm1(hi))}
+    lo, hi = mad_bounds(np.log1p(obs["n_genes_by_counts"].to_numpy()), qc["nmads_genes"])
+    th["n_genes_by_counts"] = {"low": float(np.expm1(lo)), "high": float(np.expm1(hi))}
+    if obs["pct_counts_mt"].max() > 0:
+        _, hi = mad_bounds(obs["pct_counts_mt"].to_numpy(), qc["nmads_mito"])
+        th["pct_counts_mt"] = {"low": None, "high": float(min(hi, qc["max_pct_mito"]))}
+    if qc["max_pct_hb"] is not None:
+        th["pct_counts_hb"] = {"low": None, "high": float(qc["max_pct_hb"])}
+    return th
+
+
+def call_doublets(adata: ad.AnnData, expected_rate: float, seed: int) -> tuple[np.ndarray, np.ndarray, float]:
+    """Scrublet doublet scores and calls on raw counts. Falls back to the expected-rate quantile
+    when scrublet cannot find a threshold in a unimodal score histogram."""
+    import scanpy as sc
+
+    tmp = ad.AnnData(X=adata.X, obs=pd.DataFrame(index=adata.obs_names), var=pd.DataFrame(index=adata.var_names))
+    # Exact neighbours are faster than pynndescent (and its JIT) until the simulated-doublet-augmented
+    # data reach tens of thousands of cells; beyond that approximate search keeps the cost linear.
+    approx = adata.n_obs * 3 > 30000
+    sc.pp.scrublet(tmp, expected_doublet_rate=expected_rate, random_state=seed, verbose=False,
+                   use_approx_neighbors=approx)
+    scores = tmp.obs["doublet_score"].to_numpy()
+    threshold = tmp.uns.get("scrublet", {}).get("threshold")
+    if threshold is None or not np.isfinite(threshold):
+        threshold = float(np.quantile(scores, 1 - expected_rate))
+        log.info("scrublet found no threshold; using the %.0f%% quantile %.3f", 100 * (1 - expected_rate), threshold)
+    return scores, scores > threshold, float(threshold)
+
+
+def run_qc(adata: ad.AnnData, qc: dict, *, values: str, species: str, seed: int = 0
+           ) -> tuple[ad.AnnData, pd.DataFrame, dict]:
+    """Flag and remove low-quality cells and doublets; remove rarely detected genes.
+
+    Returns the filtered AnnData, a per-cell table of metrics and reasons (all cells, for plots), and
+    an info dict (thresholds, counts per reason, notes) for the report.
+    """
+    notes: list[str] = []
+    compute_qc_metrics(adata, species)
+    obs = adata.obs
+    if not gene_flags(adata.var_names, species)["mt"].any():
+        notes.append("no mitochondrial genes found (prefix %s): the % mito filter is off"
+                     % ("mt-" if species == "mouse" else "MT-"))
+    th = qc_thresholds(obs, qc, values)
+    reasons = pd.DataFrame(False, index=obs.index, columns=REASONS)
+    if "total_counts" in th:
+        t = th["total_counts"]
+        reasons["low_or_high_counts"] = (obs["total_counts"] < t["low"]) | (obs["total_counts"] > t["high"])
+    else:
+        notes.append(f"values are '{values}', not counts: the total-counts filter is off")
+    t = th["n_genes_by_counts"]
+    reasons["low_or_high_genes"] = (obs["n_genes_by_counts"] < t["low"]) | (obs["n_genes_by_counts"] > t["high"])
+    if "pct_counts_mt" in th:
+        reasons["high_mito"] = obs["pct_counts_mt"] > th["pct_counts_mt"]["high"]
+    if "pct_counts_hb" in th:
+        reasons["high_hb"] = obs["pct_counts_hb"] > th["pct_counts_hb"]["high"]
+    fixed = np.zeros(adata.n_obs, dtype=bool)
+    for key, col, op in (("min_genes", "n_genes_by_counts", np.less), ("max_genes", "n_genes_by_counts", np.greater),
+                         ("min_counts", "total_counts", np.less), ("max_counts", "total_counts", np.greater)):
+        if qc[key] is not None:
+            fixed |= op(obs[col].to_numpy(), qc[key])
+    reasons["fixed_threshold"] = fixed
+
+    doublet_threshold = None
+    if qc["doublets"] and values == "counts":
+        if adata.n_obs >= 100:
+            scores, calls, doublet_threshold = call_doublets(adata, qc["doublet_rate"], seed)
+            obs["doublet_score"] = scores
+            reasons["doublet"] = calls
+        else:
+            notes.append(f"doublet detection skipped: {adata.n_obs} cells are too few for scrublet")
+    elif qc["doublets"]:
+        notes.append(f"doublet detection skipped: values are '{values}', scrublet needs raw counts")
+
+    keep = ~reasons.any(axis=1).to_numpy()
+    metrics = obs[[c for c in ("n_genes_by_counts", "total_counts", "pct_counts_mt", "pct_counts_ribo",
+                                "pct_counts_hb", "doublet_score") if c in obs]].copy()
+    metrics = metrics.join(reasons).assign(kept=keep)
+    n_kept = int(keep.sum())
+    if n_kept < qc["min_cells"]:
+        raise MetastemError(f"QC kept {n_kept} of {adata.n_obs} cells, fewer than qc.min_cells={qc['min_cells']} "
+                            f"(removed: {', '.join(f'{r} {int(reasons[r].sum())}' for r in REASONS if reasons[r].any())})",
+                            fix="check the input, or relax qc.nmads_* / qc.max_pct_mito / fixed thresholds per dataset")
+    filtered = adata[keep].copy()
+    gene_cells = np.asarray((filtered.X > 0).sum(axis=0)).ravel()
+    gene_keep = gene_cells >= qc["min_cells_per_gene"]
+    filtered = filtered[:, gene_keep].copy()
+    info = {
+        "cells_in": int(adata.n_obs), "genes_in": int(adata.n_vars),
+        "cells_out": int(filtered.n_obs), "genes_out": int(filtered.n_vars),
+        "removed": {r: int(reasons[r].sum()) for r in REASONS},
+        "removed_total": int((~keep).sum()), "thresholds": th, "doublet_threshold": doublet_threshold,
+        "notes": notes,
+    }
+    for note in notes:
+        log.info(note)
+    return filtered, metrics, info
+
+
+def qc_summary_table(info: dict) -> pd.DataFrame:
+    """Tidy table: cells in, removed per reason (a cell can have several), cells out, thresholds."""
+    rows = [("cells_in", info["cells_in"], "")]
+    rows += [(f"removed_{r}", n, "") for r, n in info["removed"].items()]
+    rows += [("removed_total", info["removed_total"], ""), ("cells_out", info["cells_out"], ""),
+             ("genes_in", info["genes_in"], ""), ("genes_out", info["genes_out"], "")]
+    for metric, t in info["thresholds"].items():
+        for side in ("low", "high"):
+            if t[side] is not None:
+                rows.append((f"threshold_{metric}_{side}", round(t[side], 4), "adaptive MAD / ceiling"))
+    if info["doublet_threshold"] is not None:
+        rows.append(("threshold_doublet_score", round(info["doublet_threshold"], 4), "scrublet"))
+    return pd.DataFrame(rows, columns=["metric", "value", "note"])

@@ -1,0 +1,72 @@
+"""Glue between Snakemake `script:` jobs and the analysis functions.
+
+Every script is ``run(snakemake, main)``: logging goes to the rule's log file, threads are applied to
+BLAS/numba, and a ``MetastemError`` becomes one line on stderr (and in the log) with exit status 1.
+Any other exception is logged with its traceback in the log file, and summarised in one line on stderr.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+from metastem.errors import MetastemError
+
+
+def _set_threads(n: int) -> None:
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
+        os.environ[var] = str(n)
+
+
+def run(smk: Any, main: Callable[[Any], None]) -> None:
+    """Run ``main(smk)`` as a pipeline step with logging, threads and one-line errors."""
+    log_path = Path(smk.log[0])
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    _set_threads(max(1, int(smk.threads)))
+    logging.basicConfig(filename=log_path, filemode="w", level=logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    logging.captureWarnings(True)
+    log = logging.getLogger("metastem")
+    t0 = time.time()
+    dataset = getattr(smk.wildcards, "dataset", None)
+    log.info("rule %s, dataset %s, threads %s", smk.rule, dataset, smk.threads)
+    try:
+        main(smk)
+    except MetastemError as err:
+        err.with_context(dataset=dataset)
+        log.error("%s", err)
+        print(f"metastem: {err}", file=sys.stderr)
+        sys.exit(1)
+    except Exception as exc:  # unexpected: full traceback in the log, one line for the user
+        log.error("unexpected error\n%s", traceback.format_exc())
+        print(f"metastem: dataset '{dataset}': rule {smk.rule} failed unexpectedly ({type(exc).__name__}: {exc}). "
+              f"Fix: see the traceback in {log_path} and report it.", file=sys.stderr)
+        sys.exit(1)
+    log.info("done in %.1f s", time.time() - t0)
+
+
+def write_json_atomic(obj: dict, path: str | os.PathLike) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=_jsonable))
+    os.replace(tmp, path)
+
+
+def _jsonable(o: Any) -> Any:
+    import numpy as np
+
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, (set, tuple)):
+        return list(o)
+    return str(o)

@@ -1,0 +1,60 @@
+"""Shared fixtures: paths, the real datasets in ../shared, small simulated data."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("METASTEM_SHARED", REPO.parent / "shared")) / "datasets"
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def require(condition: bool, reason: str) -> None:
+    """Skip with a reason on a developer machine; fail in CI, where every test must run."""
+    if not condition:
+        if IN_CI:
+            pytest.fail(f"CI=true but {reason}")
+        pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def repo() -> Path:
+    return REPO
+
+
+@pytest.fixture(scope="session")
+def shared_datasets() -> Path:
+    require(SHARED.is_dir(), f"real datasets folder {SHARED} is absent (set METASTEM_SHARED)")
+    return SHARED
+
+
+@pytest.fixture(scope="session")
+def demo_raw():
+    """A small simulated tumour (raw counts), shared read-only across tests: copy before changing."""
+    from metastem.simulate import simulate_tumour
+
+    return simulate_tumour(1500, 3000, seed=0)
+
+
+@pytest.fixture(scope="session")
+def demo_clustered(demo_raw):
+    """The small demo through QC and clustering, as the later stages receive it. Copy before changing."""
+    from metastem import cluster, qc
+    from metastem.config import load_schema, validate_with_defaults
+
+    cfg = validate_with_defaults({}, load_schema(REPO / "workflow/schemas/config.schema.yaml"), where="defaults")
+    adata, _, _ = qc.run_qc(demo_raw.copy(), cfg["qc"], values="counts", species="human", seed=0)
+    cluster.normalize(adata, values="counts", target_sum=cfg["cluster"]["target_sum"])
+    cluster.embed_and_cluster(adata, cfg["cluster"], seed=0)
+    adata.uns["metastem"] = {"dataset": "demo", "species": "human", "values": "counts"}
+    return adata
+
+
+@pytest.fixture(scope="session")
+def defaults() -> dict:
+    """The config with every schema default filled in."""
+    from metastem.config import load_schema, validate_with_defaults
+
+    return validate_with_defaults({}, load_schema(REPO / "workflow/schemas/config.schema.yaml"), where="defaults")

@@ -1,0 +1,37 @@
+# Clustering: normalisation, HVG, PCA, kNN graph, UMAP, Leiden, Wilcoxon markers.
+
+
+rule cluster:
+    input:
+        h5ad=rules.qc.output.h5ad,
+    output:
+        h5ad=f"{OUTDIR}/{{dataset}}/cluster/clustered.h5ad",
+        info=f"{OUTDIR}/{{dataset}}/cluster/info.json",
+        markers=report(
+            f"{OUTDIR}/{{dataset}}/tables/markers.tsv",
+            caption="../report/markers.rst",
+            category="2. Clusters",
+            labels={"dataset": "{dataset}", "table": "marker genes"},
+        ),
+        sizes=f"{OUTDIR}/{{dataset}}/tables/cluster_sizes.tsv",
+        figure=report(
+            f"{OUTDIR}/{{dataset}}/figures/umap_clusters.png",
+            caption="../report/umap_clusters.rst",
+            category="2. Clusters",
+            labels={"dataset": "{dataset}", "figure": "UMAP clusters"},
+        ),
+    params:
+        row=row,
+        params=params_of,
+    log:
+        f"{OUTDIR}/logs/{{dataset}}/cluster.log",
+    benchmark:
+        f"{OUTDIR}/benchmarks/{{dataset}}/cluster.tsv"
+    threads: 2
+    resources:
+        mem_mb=res("cluster", "mem_mb"),
+        runtime=res("cluster", "runtime"),
+    conda:
+        "../../envs/analysis.yaml"
+    script:
+        "../scripts/cluster.py"

@@ -1,0 +1,32 @@
+"""Snakemake wrapper: normalise, embed and cluster the QC'd cells; marker genes."""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(snakemake.scriptdir).parents[1] / "src"))  # noqa: F821
+from metastem.smk import run  # noqa: E402
+
+
+def main(smk) -> None:
+    import anndata as ad
+
+    from metastem import cluster, io, plots
+    from metastem.smk import write_json_atomic
+
+    row, p = smk.params.row, smk.params.params
+    adata = ad.read_h5ad(smk.input.h5ad)
+    norm = cluster.normalize(adata, values=row["values"], target_sum=p["cluster"]["target_sum"])
+    notes = cluster.embed_and_cluster(adata, p["cluster"], seed=p["seed"])
+    markers = cluster.marker_genes(adata, p["cluster"]["n_markers"])
+    sizes = adata.obs["leiden"].value_counts().rename_axis("cluster").reset_index(name="n_cells")
+    sizes["fraction"] = sizes["n_cells"] / adata.n_obs
+    labels = adata.obs[row["labels"]] if row["labels"] else None
+    plots.plot_clusters(adata.obsm["X_umap"], adata.obs["leiden"], smk.output.figure, labels=labels)
+    io.write_table_atomic(markers, smk.output.markers, index=False)
+    io.write_table_atomic(sizes, smk.output.sizes, index=False)
+    write_json_atomic({"normalisation": norm, "notes": notes, "n_clusters": int(adata.obs["leiden"].nunique()),
+                       "n_hvg": int(adata.var["highly_variable"].sum()), "n_pcs": int(adata.obsm["X_pca"].shape[1]),
+                       "knn_components": int(adata.obs["knn_component"].nunique())}, smk.output.info)
+    io.write_h5ad_atomic(adata, smk.output.h5ad)
+
+
+run(snakemake, main)  # noqa: F821

@@ -1,0 +1,30 @@
+"""Snakemake wrapper: read one dataset, run QC, write the filtered AnnData, tables and figure."""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(snakemake.scriptdir).parents[1] / "src"))  # noqa: F821
+from metastem.smk import run  # noqa: E402
+
+
+def main(smk) -> None:
+    import json
+
+    from metastem import io, plots, qc
+    from metastem.smk import write_json_atomic
+
+    row, p = smk.params.row, smk.params.params
+    adata = io.read_dataset(row, p)
+    filtered, cells, info = qc.run_qc(adata, p["qc"], values=row["values"], species=row["species"], seed=p["seed"])
+    filtered.uns["metastem"] = {"dataset": row["dataset"], "species": row["species"], "values": row["values"],
+                                "labels": row["labels"], "params_json": json.dumps(p)}
+    info["input"] = {"path": row["path"] or "(built-in simulator)", "format": row["format"],
+                     "values": row["values"], "species": row["species"], "labels": row["labels"],
+                     "checksum": io.file_checksum(row["path"]) if row["path"] else f"simulated, seed {p['seed']}"}
+    plots.plot_qc_metrics(cells, info["thresholds"], smk.output.figure)
+    io.write_table_atomic(cells, smk.output.cells, index_label="cell")
+    io.write_table_atomic(qc.qc_summary_table(info), smk.output.summary, index=False)
+    write_json_atomic(info, smk.output.info)
+    io.write_h5ad_atomic(filtered, smk.output.h5ad)
+
+
+run(snakemake, main)  # noqa: F821
