@@ -32,9 +32,41 @@ try:
 except MetastemError as err:
     sys.exit(f"metastem: {err}")
 _problems = check_inputs(SHEET)
+DATASETS = list(SHEET.index)
+REPO_ROOT = METASTEM_SRC.parent
+
+
+def resolve_gene_sets(paths: list[str], species: str) -> list[str]:
+    """GMT paths with '{species}' filled in; relative paths are looked up in the working directory
+    first, then in the metastem repository, so the shipped sets resolve when used as a module."""
+    out = []
+    for p in (p.replace("{species}", species) for p in paths):
+        if not Path(p).is_absolute() and not Path(p).exists() and (REPO_ROOT / p).exists():
+            p = str(REPO_ROOT / p)
+        out.append(p)
+    return out
+
+
+for _ds, _p in PARAMS.items():
+    _species = SHEET.loc[_ds, "species"]
+    _p["stemness"]["gene_sets"] = resolve_gene_sets(_p["stemness"]["gene_sets"], _species)
+    _p["pathways"]["gene_sets"] = resolve_gene_sets(_p["pathways"]["gene_sets"], _species)
+    _p["pathways"]["extra_gene_sets"] = resolve_gene_sets(_p["pathways"]["extra_gene_sets"], _species)
+    for _gmt in _p["stemness"]["gene_sets"] + _p["pathways"]["gene_sets"] + _p["pathways"]["extra_gene_sets"]:
+        if not Path(_gmt).is_file():
+            _problems.append(f"dataset '{_ds}': {_gmt}: gene-set file not found. Fix: correct the GMT path in the config.")
 if _problems:
     sys.exit("\n".join(f"metastem: {p}" for p in _problems))
-DATASETS = list(SHEET.index)
+
+
+def gene_set_files(stage: str):
+    """The GMT files a stage scores, as inputs, so that editing a set reruns the stage."""
+
+    def fn(wildcards) -> list[str]:
+        p = PARAMS[wildcards.dataset][stage]
+        return p["gene_sets"] + p.get("extra_gene_sets", [])
+
+    return fn
 
 
 wildcard_constraints:
