@@ -1,0 +1,125 @@
+"""Stemness figures: UMAP, per-cluster distributions, score vs the gene-count baseline, per known label.
+
+Every function returns None when it wrote the figure, or a sentence saying why there was nothing
+to draw; the caller puts that sentence in the report instead of an empty axis. Colours are
+colour-blind safe: viridis for continuous values, Okabe-Ito for categories.
+"""
+from __future__ import annotations
+
+import os
+
+import anndata as ad
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+from scipy.stats import spearmanr  # noqa: E402
+
+OKABE_ITO = ["#E69F00", "#56B4E9", "#009E73", "#F0E442", "#0072B2", "#D55E00", "#CC79A7", "#000000"]
+CONTINUOUS = "viridis"
+
+
+def _save(fig: plt.Figure, path: str | os.PathLike) -> None:
+    os.makedirs(os.path.dirname(os.fspath(path)) or ".", exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=150)
+    plt.close(fig)
+
+
+def _point_size(n: int) -> float:
+    """Smaller points for more cells, so dense regions stay readable."""
+    return float(np.clip(3e4 / max(n, 1), 0.5, 30))
+
+
+def plot_umap_stemness(adata: ad.AnnData, path: str | os.PathLike) -> str | None:
+    """UMAP coloured by stemness, CSC-like cells outlined; the most stem-like cells are drawn last."""
+    if "X_umap" not in adata.obsm:
+        return "No UMAP embedding is available, so stemness is not shown on a UMAP."
+    xy = adata.obsm["X_umap"]
+    s = adata.obs["stemness"].to_numpy()
+    order = np.argsort(s)
+    fig, ax = plt.subplots(figsize=(6.2, 5.2))
+    pts = ax.scatter(xy[order, 0], xy[order, 1], c=s[order], cmap=CONTINUOUS, vmin=0, vmax=1,
+                     s=_point_size(len(s)), linewidths=0, rasterized=True)
+    csc = adata.obs["csc_like"].to_numpy()[order]
+    if csc.any():
+        ax.scatter(xy[order][csc, 0], xy[order][csc, 1], facecolors="none", edgecolors="black",
+                   s=_point_size(len(s)) * 2.5, linewidths=0.4, label=f"CSC-like ({int(csc.sum())} cells)")
+        ax.legend(loc="best", frameon=False, fontsize=9)
+    fig.colorbar(pts, ax=ax, label="stemness (1 = least differentiated)")
+    ax.set_xlabel("UMAP 1")
+    ax.set_ylabel("UMAP 2")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_title("Stemness per cell")
+    _save(fig, path)
+    return None
+
+
+def _distributions(ax: plt.Axes, groups: pd.Series, values: pd.Series, order: list[str]) -> None:
+    data = [values[groups == g].to_numpy() for g in order]
+    parts = ax.violinplot(data, showextrema=False, widths=0.8)
+    for body, colour in zip(parts["bodies"], (OKABE_ITO * (len(order) // len(OKABE_ITO) + 1))):
+        body.set_facecolor(colour)
+        body.set_alpha(0.6)
+    ax.boxplot(data, widths=0.18, showfliers=False, medianprops={"color": "black"})
+    ax.set_xticks(np.arange(1, len(order) + 1), order, rotation=45 if len(order) > 8 else 0, ha="right"
+                  if len(order) > 8 else "center")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_ylabel("stemness")
+
+
+def plot_cluster_stemness(adata: ad.AnnData, path: str | os.PathLike, cluster_key: str = "leiden") -> str | None:
+    """Violin + box of stemness per cluster, clusters ordered by median stemness (highest first)."""
+    if cluster_key not in adata.obs or adata.obs[cluster_key].nunique() < 2:
+        return f"There is a single cluster ('{cluster_key}'), so stemness is not compared across clusters."
+    obs = adata.obs[[cluster_key, "stemness"]].astype({cluster_key: str})
+    order = obs.groupby(cluster_key)["stemness"].median().sort_values(ascending=False).index.tolist()
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.5 * len(order) + 2), 4.2))
+    _distributions(ax, obs[cluster_key], obs["stemness"], order)
+    ax.set_xlabel(f"cluster ({cluster_key}), ordered by median stemness")
+    ax.set_title("Stemness per cluster")
+    _save(fig, path)
+    return None
+
+
+def plot_stemness_vs_gene_counts(adata: ad.AnnData, path: str | os.PathLike) -> str | None:
+    """Stemness against the raw genes-detected baseline, to show what the score adds to it."""
+    gc = adata.obs["stemness_gene_counts"].to_numpy(dtype=float)
+    s = adata.obs["stemness"].to_numpy()
+    if np.ptp(gc) == 0:
+        return "Every cell detects the same number of genes, so there is no gene-count baseline to compare with."
+    rho = spearmanr(s, gc)[0]
+    fig, ax = plt.subplots(figsize=(5.2, 4.4))
+    csc = adata.obs["csc_like"].to_numpy()
+    ax.scatter(gc[~csc], s[~csc], s=_point_size(len(s)), color=OKABE_ITO[1], alpha=0.6, linewidths=0,
+               label="other cells", rasterized=True)
+    ax.scatter(gc[csc], s[csc], s=_point_size(len(s)), color=OKABE_ITO[5], alpha=0.8, linewidths=0,
+               label="CSC-like", rasterized=True)
+    ax.set_xlabel("genes detected per cell (baseline)")
+    ax.set_ylabel("stemness")
+    ax.set_title(f"Stemness vs genes detected (Spearman {rho:.2f})")
+    ax.legend(frameon=False, fontsize=9, markerscale=3)
+    _save(fig, path)
+    return None
+
+
+def plot_stemness_by_label(adata: ad.AnnData, path: str | os.PathLike, label_key: str | None) -> str | None:
+    """Stemness per known label (the sheet's labels column), ordered by median stemness."""
+    if not label_key:
+        return "The dataset has no labels column, so stemness is not shown per known label."
+    if label_key not in adata.obs:
+        return f"The labels column '{label_key}' is not in the data, so stemness is not shown per known label."
+    labels = adata.obs[label_key].astype(str)
+    if labels.nunique() < 2:
+        return f"The labels column '{label_key}' holds a single value, so there is nothing to compare."
+    obs = pd.DataFrame({"label": labels, "stemness": adata.obs["stemness"]})
+    order = obs.groupby("label")["stemness"].median().sort_values(ascending=False).index.tolist()
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.55 * len(order) + 2), 4.4))
+    _distributions(ax, obs["label"], obs["stemness"], order)
+    ax.set_xlabel(f"{label_key}, ordered by median stemness")
+    ax.set_title("Stemness per known label")
+    _save(fig, path)
+    return None

@@ -1,0 +1,52 @@
+"""Snakemake wrapper: stemness scores, CSC-like calls, tables, figures and the per-cell table."""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(snakemake.scriptdir).parents[1] / "src"))  # noqa: F821
+from metastem.smk import run  # noqa: E402
+
+# obs columns handed to later stages (docs/CONTRACTS.md: stemness/cells.tsv.gz)
+FIXED_COLUMNS = ["stemness", "csc_like", "stemness_cytotrace", "stemness_gene_counts", "stemness_signature",
+                 "S_score", "G2M_score", "phase"]
+
+
+def per_cell_table(adata):
+    """Every obs column this stage adds, index = cell barcode."""
+    from metastem.stemness import SET_PREFIX
+
+    cols = [c for c in FIXED_COLUMNS if c in adata.obs] + [c for c in adata.obs if c.startswith(SET_PREFIX)]
+    return adata.obs[cols]
+
+
+def main(smk) -> None:
+    import anndata as ad
+    import pandas as pd
+
+    from metastem import io
+    from metastem import plots_stemness as plots
+    from metastem import stemness
+    from metastem.smk import write_json_atomic
+
+    row, p = smk.params.row, smk.params.params
+    adata = ad.read_h5ad(smk.input.h5ad)
+    info = stemness.score_stemness(adata, p["stemness"], species=row["species"], seed=p["seed"])
+    figure_notes = {}
+    for path, draw in ((smk.output.umap, lambda f: plots.plot_umap_stemness(adata, f)),
+                       (smk.output.cluster_figure, lambda f: plots.plot_cluster_stemness(adata, f)),
+                       (smk.output.baseline, lambda f: plots.plot_stemness_vs_gene_counts(adata, f)),
+                       (smk.output.labels, lambda f: plots.plot_stemness_by_label(adata, f, row["labels"] or None))):
+        reason = draw(path)
+        if reason:
+            # Nothing to draw: an empty file satisfies Snakemake, the sentence goes to the report.
+            Path(path).write_bytes(b"")
+            figure_notes[Path(path).stem] = reason
+    info["figure_notes"] = figure_notes
+    io.write_table_atomic(stemness.stemness_cluster_table(adata), smk.output.clusters, index=False)
+    io.write_table_atomic(stemness.stemness_gene_correlations(adata), smk.output.genes, index=False)
+    coverage = info.pop("gene_set_coverage")
+    io.write_table_atomic(pd.DataFrame(coverage), smk.output.gene_sets, index=False)
+    io.write_table_atomic(per_cell_table(adata), smk.output.cells, index_label="cell")
+    write_json_atomic(info, smk.output.info)
+
+
+run(snakemake, main)  # noqa: F821
