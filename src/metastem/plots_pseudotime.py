@@ -1,0 +1,131 @@
+"""Pseudotime figures: embedding coloured by pseudotime with the root, PAGA graph, stemness along pseudotime.
+
+Colours follow the shared style (metastem.plots): viridis for continuous values (perceptually uniform,
+readable with colour-vision deficiencies), Okabe-Ito for lines; unreachable cells are drawn in grey
+and said to be unreachable, never coloured as if they were late.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import anndata as ad
+import matplotlib.pyplot as plt
+import numpy as np
+from scipy.stats import spearmanr
+
+from metastem.plots import CONTINUOUS_CMAP, OKABE_ITO, apply_style, save
+
+UNREACHABLE_GREY = "#BBBBBB"
+
+
+def _subsample(n: int, max_points: int, seed: int) -> np.ndarray:
+    if n <= max_points:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).choice(n, max_points, replace=False))
+
+
+def _embedding_panel(ax: plt.Axes, xy: np.ndarray, pt: np.ndarray, root: int, title: str, idx: np.ndarray):
+    size = max(0.5, min(12.0, 30000 / len(idx)))
+    reach = idx[np.isfinite(pt[idx])]
+    lost = idx[~np.isfinite(pt[idx])]
+    if lost.size:
+        ax.scatter(xy[lost, 0], xy[lost, 1], s=size, c=UNREACHABLE_GREY, linewidths=0, rasterized=True,
+                   label=f"unreachable ({lost.size} shown)")
+    reach = reach[np.argsort(pt[reach])]
+    sc = ax.scatter(xy[reach, 0], xy[reach, 1], s=size, c=pt[reach], cmap=CONTINUOUS_CMAP, vmin=0, vmax=1,
+                    linewidths=0, rasterized=True)
+    ax.scatter(xy[root, 0], xy[root, 1], marker="*", s=220, c=OKABE_ITO[5], edgecolors="black", linewidths=0.8,
+               zorder=5, label="root cell")
+    ax.legend(loc="lower left", fontsize=7, markerscale=1)
+    ax.set_title(title)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    return sc
+
+
+def plot_pseudotime_embedding(adata: ad.AnnData, path: str | os.PathLike, *, root: int,
+                              bases: tuple[str, ...] = ("X_umap", "X_umap_paga"), max_points: int = 50000,
+                              seed: int = 0) -> None:
+    """One panel per available embedding, coloured by ``obs['pseudotime']``, root cell as a star."""
+    apply_style()
+    bases = tuple(b for b in bases if b in adata.obsm)
+    titles = {"X_umap": "Pseudotime on UMAP", "X_umap_paga": "Pseudotime on PAGA-initialised UMAP"}
+    fig, axes = plt.subplots(1, len(bases), figsize=(4.8 * len(bases), 4.2), squeeze=False)
+    pt = adata.obs["pseudotime"].to_numpy(dtype=float)
+    idx = np.union1d(_subsample(adata.n_obs, max_points, seed), [root])
+    for ax, basis in zip(axes[0], bases):
+        sc = _embedding_panel(ax, np.asarray(adata.obsm[basis])[:, :2], pt, root, titles.get(basis, basis), idx)
+    fig.colorbar(sc, ax=axes[0].tolist(), shrink=0.7, label="pseudotime (0 = root)")
+    save(fig, path)
+
+
+def plot_paga_graph(paga: dict[str, Any], path: str | os.PathLike, *, root_cluster: str | None = None) -> None:
+    """PAGA graph from ``run_paga``'s dict: node size ~ cells, colour = median pseudotime, width = connectivity.
+
+    Edges below the stored threshold are omitted; edges of PAGA's spanning tree are solid, others dashed.
+    """
+    apply_style()
+    nodes = {n["cluster"]: n for n in paga["nodes"]}
+    fig, ax = plt.subplots(figsize=(5.2, 4.4))
+    for e in paga["edges"]:
+        if e["connectivity"] < paga["edge_threshold"]:
+            continue
+        a, b = nodes[e["source"]], nodes[e["target"]]
+        ax.plot([a["x"], b["x"]], [a["y"], b["y"]], color="black", alpha=0.6, zorder=1,
+                lw=0.5 + 5 * e["connectivity"], ls="-" if e["in_tree"] else "--")
+    xs = np.array([n["x"] for n in nodes.values()])
+    ys = np.array([n["y"] for n in nodes.values()])
+    sizes = np.array([n["n_cells"] for n in nodes.values()], dtype=float)
+    colour = np.array([np.nan if n["median_pseudotime"] is None else n["median_pseudotime"] for n in nodes.values()])
+    cmap = plt.get_cmap(CONTINUOUS_CMAP).with_extremes(bad=UNREACHABLE_GREY)
+    pts = ax.scatter(xs, ys, s=80 + 900 * np.sqrt(sizes / sizes.max()), c=colour, cmap=cmap, vmin=0, vmax=1,
+                     edgecolors="black", linewidths=0.6, zorder=2, plotnonfinite=True)
+    for name, x, y in zip(nodes, xs, ys):
+        weight = "bold" if name == root_cluster else "normal"
+        ax.annotate(name, (x, y), ha="center", va="center", fontsize=8, weight=weight, zorder=3,
+                    color="white" if name == root_cluster else "black",
+                    bbox={"boxstyle": "circle,pad=0.2", "fc": "black"} if name == root_cluster else None)
+    fig.colorbar(pts, ax=ax, shrink=0.7, label="median pseudotime (grey: unreachable)")
+    ax.set_title(f"PAGA between {paga['groupby']} clusters (edges ≥ {paga['edge_threshold']:g};"
+                 " solid = spanning tree)" + (f"\nroot cluster {root_cluster} highlighted" if root_cluster else ""))
+    ax.set_xticks([])
+    ax.set_yticks([])
+    save(fig, path)
+
+
+def binned_trend(x: np.ndarray, y: np.ndarray, n_bins: int = 20) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Median and interquartile range of ``y`` in equal-count bins of ``x`` (finite pairs only)."""
+    ok = np.isfinite(x) & np.isfinite(y)
+    order = np.argsort(x[ok])
+    xs, ys = x[ok][order], y[ok][order]
+    bins = [b for b in np.array_split(np.arange(xs.size), min(n_bins, xs.size)) if b.size]
+    centre = np.array([np.median(xs[b]) for b in bins])
+    q = np.array([np.percentile(ys[b], [25, 50, 75]) for b in bins])
+    return centre, q[:, 1], q[:, [0, 2]]
+
+
+def plot_stemness_along_pseudotime(adata: ad.AnnData, path: str | os.PathLike, *, stemness_key: str = "stemness",
+                                   max_points: int = 50000, seed: int = 0) -> None:
+    """Stemness against pseudotime (reachable cells): scatter plus binned median and IQR.
+
+    A falling trend means time runs from stem-like to differentiated, as the root rule intends.
+    """
+    apply_style()
+    pt = adata.obs["pseudotime"].to_numpy(dtype=float)
+    s = adata.obs[stemness_key].to_numpy(dtype=float)
+    ok = np.isfinite(pt) & np.isfinite(s)
+    idx = np.flatnonzero(ok)[_subsample(int(ok.sum()), max_points, seed)]
+    fig, ax = plt.subplots(figsize=(5.0, 3.6))
+    ax.scatter(pt[idx], s[idx], s=max(0.5, min(8.0, 20000 / max(len(idx), 1))), c=OKABE_ITO[1], alpha=0.5,
+               linewidths=0, rasterized=True, label="cells")
+    centre, med, iqr = binned_trend(pt, s)
+    ax.fill_between(centre, iqr[:, 0], iqr[:, 1], color=OKABE_ITO[0], alpha=0.3, label="IQR per bin")
+    ax.plot(centre, med, color=OKABE_ITO[5], lw=2, label="median per bin")
+    rho = spearmanr(pt[ok], s[ok])[0] if ok.sum() > 2 else float("nan")
+    n_lost = int((~np.isfinite(pt)).sum())
+    ax.set_title(f"{stemness_key} along pseudotime (Spearman {rho:.2f}; {n_lost} unreachable cells not shown)")
+    ax.set_xlabel("pseudotime (0 = root)")
+    ax.set_ylabel(stemness_key)
+    ax.legend(fontsize=7, loc="best")
+    save(fig, path)

@@ -1,0 +1,50 @@
+# Pseudotime: diffusion pseudotime rooted in stemness, PAGA between clusters, diagnostics.
+
+
+rule pseudotime:
+    input:
+        h5ad=f"{OUTDIR}/{{dataset}}/cluster/clustered.h5ad",
+        stemness=f"{OUTDIR}/{{dataset}}/stemness/cells.tsv.gz",
+    output:
+        cells=f"{OUTDIR}/{{dataset}}/pseudotime/cells.tsv.gz",
+        paga=f"{OUTDIR}/{{dataset}}/pseudotime/paga.json",
+        info=f"{OUTDIR}/{{dataset}}/pseudotime/info.json",
+        diagnostics=report(
+            f"{OUTDIR}/{{dataset}}/tables/pseudotime_diagnostics.tsv",
+            caption="../report/pseudotime_diagnostics.rst",
+            category="4. Pseudotime",
+            labels={"dataset": "{dataset}", "table": "pseudotime diagnostics"},
+        ),
+        umap=report(
+            f"{OUTDIR}/{{dataset}}/figures/pseudotime_umap.png",
+            caption="../report/pseudotime_umap.rst",
+            category="4. Pseudotime",
+            labels={"dataset": "{dataset}", "figure": "pseudotime on UMAP"},
+        ),
+        paga_figure=report(
+            f"{OUTDIR}/{{dataset}}/figures/pseudotime_paga.png",
+            caption="../report/pseudotime_paga.rst",
+            category="4. Pseudotime",
+            labels={"dataset": "{dataset}", "figure": "PAGA graph"},
+        ),
+        trend=report(
+            f"{OUTDIR}/{{dataset}}/figures/pseudotime_stemness.png",
+            caption="../report/pseudotime_stemness.rst",
+            category="4. Pseudotime",
+            labels={"dataset": "{dataset}", "figure": "stemness along pseudotime"},
+        ),
+    log:
+        f"{OUTDIR}/logs/{{dataset}}/pseudotime.log",
+    benchmark:
+        f"{OUTDIR}/benchmarks/{{dataset}}/pseudotime.tsv"
+    conda:
+        "../../envs/analysis.yaml"
+    threads: 2
+    resources:
+        mem_mb=res("pseudotime", "mem_mb"),
+        runtime=res("pseudotime", "runtime"),
+    params:
+        row=row,
+        params=params_of,
+    script:
+        "../scripts/pseudotime.py"
