@@ -8,9 +8,13 @@ configfile: "config/config.yaml"
 include: "workflow/rules/common.smk"
 include: "workflow/rules/qc.smk"
 include: "workflow/rules/cluster.smk"
+include: "workflow/rules/stemness.smk"
+include: "workflow/rules/pseudotime.smk"
+include: "workflow/rules/pathways.smk"
+include: "workflow/rules/report.smk"
 
 
 rule all:
     default_target: True
     input:
-        expand(f"{OUTDIR}/{{dataset}}/cluster/clustered.h5ad", dataset=DATASETS),
+        f"{OUTDIR}/index.html",

@@ -51,7 +51,8 @@ def read_gmt(path: str | os.PathLike) -> dict[str, list[str]]:
                                         file=path, fix="separate genes with tabs, not spaces")
                 if "/" in name:
                     raise MetastemError(f"line {n}: set name '{name}' contains '/'", file=path,
-                                        fix="use letters, digits, '_', '-' or '.' in set names (they become obs column names)")
+                                        fix="use letters, digits, '_', '-' or '.' in set names "
+                                            "(they become obs column names)")
                 if name in sets:
                     raise MetastemError(f"line {n}: set '{name}' defined twice", file=path,
                                         fix="give every set a unique name")
@@ -123,6 +124,13 @@ def _chunk_rows(n_cols: int, max_elements: int = 2**25) -> int:
     return max(1, max_elements // max(1, n_cols))
 
 
+def col_sums(X: sp.spmatrix | np.ndarray) -> np.ndarray:
+    """Column sums in float64, by row chunks: a float32 matrix is never copied whole to float64."""
+    step = _chunk_rows(X.shape[1])
+    return sum((np.asarray(X[i:i + step].sum(axis=0, dtype="float64")).ravel()
+                for i in range(0, X.shape[0], step)), np.zeros(X.shape[1]))
+
+
 def _nth_largest_nonzero(sub: sp.csr_matrix, n: int) -> np.ndarray:
     """Per row, the n-th largest stored value (0 when the row stores fewer than n).
 
@@ -182,29 +190,65 @@ def aucell_score(X: sp.spmatrix | np.ndarray, gene_idx: np.ndarray, top_frac: fl
     return aucell_matrix(X, {"set": np.asarray(gene_idx)}, top_frac)["set"].to_numpy()
 
 
+def score_genes_matrix(X: sp.spmatrix | np.ndarray, var_names: pd.Index, gene_sets: dict[str, list[str]], *,
+                       ctrl_size: int = 50, n_bins: int = 25, seed: int = 0) -> pd.DataFrame:
+    """``sc.tl.score_genes`` for many sets at once: (cells × sets) DataFrame, scanpy's values.
+
+    The Tirosh et al. (2016) score: mean of the set's genes minus the mean of control genes drawn
+    from the same expression bins. scanpy recomputes every gene's mean (two copies of X) per set;
+    here gene means and bins are computed once, control genes are drawn exactly as scanpy 1.11 draws
+    them (defaults ``ctrl_as_ref=True``, all genes as the pool, a ``RandomState(seed)`` per set, as
+    ``random_state=seed`` seeds it), and all scores come from one sparse product, X @ weights, taken
+    by row chunks so that X is never copied whole.
+    """
+    names = pd.Index(var_names.astype(str), dtype="string")
+    n_cells = X.shape[0]
+    avg = pd.Series(col_sums(X) / n_cells, index=names)
+    avg = avg[np.isfinite(avg)]
+    n_items = int(np.round(len(avg) / (n_bins - 1)))
+    cut = avg.rank(method="min") // n_items
+    col = pd.Series(np.arange(len(names)), index=names)
+    weights = np.zeros((len(names), len(gene_sets)))
+    for j, (name, genes) in enumerate(gene_sets.items()):
+        gene_list = pd.Index(genes, dtype="string").intersection(names)
+        rs = np.random.RandomState(seed)
+        control = pd.Index([], dtype="string")
+        for c in np.unique(cut.loc[gene_list]):
+            r_genes = cut[cut == c].index
+            if ctrl_size < len(r_genes):
+                r_genes = r_genes.to_series().sample(ctrl_size, random_state=rs).index
+            control = control.union(r_genes.difference(gene_list))
+        if len(control) == 0:
+            raise MetastemError(f"no control genes in the expression bins of set '{name}'",
+                                fix="score with the 'aucell' scorer, or check that the data hold more than a few genes")
+        weights[col[gene_list].to_numpy(), j] += 1.0 / len(gene_list)
+        weights[col[control].to_numpy(), j] -= 1.0 / len(control)
+    step = _chunk_rows(X.shape[1])
+    scores = np.vstack([np.asarray(X[i:i + step] @ weights) for i in range(0, n_cells, step)])
+    return pd.DataFrame(scores, columns=list(gene_sets))
+
+
 def score_gene_sets(adata: ad.AnnData, sets: dict[str, list[str]], *, method: str = "score_genes",
                     prefix: str = "score_", seed: int = 0, ctrl_size: int = 50, layer: str | None = None,
                     aliases: dict[str, str] | None = None) -> pd.DataFrame:
     """Score every set per cell into ``obs[prefix + name]``; return the coverage table.
 
     Sets with no gene present are skipped here (coverage 0) and left to the caller to judge.
-    ``score_genes`` uses a fixed ``random_state`` so control genes, hence scores, are reproducible.
+    ``score_genes`` uses a fixed seed so control genes, hence scores, are reproducible.
     """
-    import scanpy as sc
-
     cov = gene_set_coverage(sets, adata.var_names, aliases)
     found = {rec.set: [g for g in rec.genes_found.split(",") if g] for rec in cov.itertuples()}
     found = {k: v for k, v in found.items() if v}
+    X = adata.layers[layer] if layer else adata.X
+    if not found:
+        return cov
     if method == "score_genes":
-        for name, genes in found.items():
-            sc.tl.score_genes(adata, genes, ctrl_size=ctrl_size, random_state=seed, score_name=f"{prefix}{name}",
-                              use_raw=False, layer=layer)
+        scores = score_genes_matrix(X, adata.var_names, found, ctrl_size=ctrl_size, seed=seed)
     elif method == "aucell":
         var_index = {g: i for i, g in enumerate(map(str, adata.var_names))}
-        X = adata.layers[layer] if layer else adata.X
         scores = aucell_matrix(X, {k: np.array([var_index[g] for g in v]) for k, v in found.items()})
-        for name in found:
-            adata.obs[f"{prefix}{name}"] = scores[name].to_numpy()
     else:
         raise ValueError(f"unknown scorer {method!r}")
+    for name in found:
+        adata.obs[f"{prefix}{name}"] = scores[name].to_numpy()
     return cov

@@ -52,9 +52,12 @@ for _ds, _p in PARAMS.items():
     _p["stemness"]["gene_sets"] = resolve_gene_sets(_p["stemness"]["gene_sets"], _species)
     _p["pathways"]["gene_sets"] = resolve_gene_sets(_p["pathways"]["gene_sets"], _species)
     _p["pathways"]["extra_gene_sets"] = resolve_gene_sets(_p["pathways"]["extra_gene_sets"], _species)
+    (_p["pathways"]["aliases"],) = resolve_gene_sets([_p["pathways"]["aliases"]], _species)
     for _gmt in _p["stemness"]["gene_sets"] + _p["pathways"]["gene_sets"] + _p["pathways"]["extra_gene_sets"]:
         if not Path(_gmt).is_file():
             _problems.append(f"dataset '{_ds}': {_gmt}: gene-set file not found. Fix: correct the GMT path in the config.")
+    if not Path(_p["pathways"]["aliases"]).is_file():
+        _problems.append(f"dataset '{_ds}': {_p['pathways']['aliases']}: alias table not found. Fix: correct pathways.aliases in the config.")
 if _problems:
     sys.exit("\n".join(f"metastem: {p}" for p in _problems))
 
