@@ -5,7 +5,7 @@ rule cluster:
     input:
         h5ad=rules.qc.output.h5ad,
     output:
-        h5ad=f"{OUTDIR}/{{dataset}}/cluster/clustered.h5ad",
+        h5ad=intermediate(f"{OUTDIR}/{{dataset}}/cluster/clustered.h5ad"),
         info=f"{OUTDIR}/{{dataset}}/cluster/info.json",
         markers=report(
             f"{OUTDIR}/{{dataset}}/tables/markers.tsv",

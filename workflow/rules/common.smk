@@ -76,6 +76,11 @@ wildcard_constraints:
     dataset="|".join(DATASETS) if DATASETS else "[A-Za-z0-9_-]+",
 
 
+def intermediate(path: str) -> str:
+    """Per-stage h5ad files: deleted once no job needs them unless config keep_intermediate is true."""
+    return path if config["keep_intermediate"] else temp(path)
+
+
 def row(wildcards) -> dict:
     """The sheet row of a dataset, as a plain dict."""
     return SHEET.loc[wildcards.dataset].to_dict()

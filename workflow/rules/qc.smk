@@ -5,7 +5,7 @@ rule qc:
     input:
         input_path,
     output:
-        h5ad=f"{OUTDIR}/{{dataset}}/qc/qc.h5ad",
+        h5ad=intermediate(f"{OUTDIR}/{{dataset}}/qc/qc.h5ad"),
         cells=f"{OUTDIR}/{{dataset}}/qc/cells.tsv.gz",
         info=f"{OUTDIR}/{{dataset}}/qc/info.json",
         summary=report(
