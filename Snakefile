@@ -2,7 +2,7 @@
 # QC -> clustering -> stemness -> pseudotime -> migration/metastasis pathways -> HTML report, per dataset.
 
 
-configfile: "config/config.yaml"
+configfile: Path(workflow.basedir) / "config/config.yaml"
 
 
 include: "workflow/rules/common.smk"

@@ -33,33 +33,68 @@ def normalize(adata: ad.AnnData, *, values: str, target_sum: float) -> str:
     return "log values used as given (count normalisation skipped: values are not counts)"
 
 
-def embed_and_cluster(adata: ad.AnnData, params: dict, seed: int = 0) -> list[str]:
-    """HVG → PCA → kNN graph → UMAP → Leiden, in place. Returns notes for the log and report."""
+def build_graph(adata: ad.AnnData, params: dict, seed: int = 0) -> list[str]:
+    """HVG → PCA → kNN graph (+ ``obs['knn_component']``), in place. Returns notes.
+
+    Every random step gets ``seed``. From 4096 cells on, scanpy finds neighbours with pynndescent
+    (which must be < 0.7 for scanpy 1.11, see pyproject.toml).
+    """
     import scanpy as sc
 
     notes = []
+    if adata.n_obs < 3:
+        raise MetastemError(f"only {adata.n_obs} cells reach clustering", fix="provide more cells, or relax the QC thresholds for this dataset")
     n_top = min(params["n_top_genes"], adata.n_vars)
-    sc.pp.highly_variable_genes(adata, n_top_genes=n_top, flavor="seurat")
+    try:
+        sc.pp.highly_variable_genes(adata, n_top_genes=n_top, flavor="seurat")
+    except (ValueError, IndexError) as exc:  # degenerate dispersions (e.g. constant genes)
+        adata.var["highly_variable"] = np.asarray((adata.X.max(axis=0) > 0).todense()).ravel() \
+            if hasattr(adata.X, "todense") else (np.asarray(adata.X).max(axis=0) > 0)
+        notes.append(f"highly variable gene selection failed ({type(exc).__name__}); all expressed genes used")
     n_hvg = int(adata.var["highly_variable"].sum())
+    if n_hvg < 3:
+        raise MetastemError(f"only {n_hvg} variable genes among {adata.n_vars} genes; nothing to cluster on",
+                            fix="check the input (is every cell identical?) or lower qc.min_cells_per_gene")
     n_pcs = min(params["n_pcs"], adata.n_obs - 1, n_hvg - 1)
     if n_pcs < params["n_pcs"]:
         notes.append(f"n_pcs reduced to {n_pcs} (data has {adata.n_obs} cells, {n_hvg} variable genes)")
     sc.pp.pca(adata, n_comps=n_pcs, mask_var="highly_variable", svd_solver="arpack", random_state=seed)
     n_neighbors = min(params["n_neighbors"], adata.n_obs - 1)
+    if n_neighbors < params["n_neighbors"]:
+        notes.append(f"n_neighbors reduced to {n_neighbors} ({adata.n_obs} cells)")
     sc.pp.neighbors(adata, n_neighbors=n_neighbors, n_pcs=n_pcs, random_state=seed)
     n_comp, labels = connected_components(adata.obsp["connectivities"], directed=False)
-    adata.obs["knn_component"] = pd.Categorical(labels.astype(str))
+    # components numbered by size (largest = '0'), so the labels do not depend on cell order
+    sizes = np.bincount(labels)
+    rank = np.empty_like(sizes)
+    rank[np.lexsort((np.arange(sizes.size), -sizes))] = np.arange(sizes.size)
+    adata.obs["knn_component"] = pd.Categorical(rank[labels].astype(str),
+                                                categories=[str(i) for i in range(n_comp)])
     if n_comp > 1:
-        sizes = np.bincount(labels)
         notes.append(f"the kNN graph has {n_comp} disconnected components (sizes {sorted(sizes.tolist(), reverse=True)[:5]}); "
                      "pseudotime cannot cross them and reports unreachable cells")
+    return notes
+
+
+def embed_and_cluster(adata: ad.AnnData, params: dict, seed: int = 0) -> list[str]:
+    """HVG → PCA → kNN graph → UMAP → Leiden, in place. Returns notes for the log and report.
+
+    A disconnected kNN graph is not an error (a warning note); a single Leiden cluster is, naming
+    ``cluster.resolution``.
+    """
+    import scanpy as sc
+
+    notes = build_graph(adata, params, seed)
     sc.tl.umap(adata, min_dist=params["umap_min_dist"], random_state=seed)
     sc.tl.leiden(adata, resolution=params["resolution"], random_state=seed, flavor="igraph",
                  n_iterations=2, directed=False, key_added="leiden")
     n_clusters = adata.obs["leiden"].nunique()
     if n_clusters < 2:
-        raise MetastemError(f"Leiden found a single cluster in {adata.n_obs} cells at resolution {params['resolution']}",
-                            fix="raise cluster.resolution for this dataset (params column), or check that QC left a heterogeneous sample")
+        raise MetastemError(f"Leiden found a single cluster in {adata.n_obs} cells at cluster.resolution="
+                            f"{params['resolution']}",
+                            fix="raise cluster.resolution for this dataset in the sheet's params column "
+                                f"(e.g. cluster.resolution={max(2.0, 2 * params['resolution']):g}), or check that "
+                                "QC left a heterogeneous sample")
     for note in notes:
         log.warning(note)
     return notes
@@ -69,10 +104,19 @@ def marker_genes(adata: ad.AnnData, n_genes: int) -> pd.DataFrame:
     """Wilcoxon markers per Leiden cluster as a tidy table."""
     import scanpy as sc
 
-    sc.tl.rank_genes_groups(adata, groupby="leiden", method="wilcoxon", use_raw=False, pts=True,
-                            key_added="markers")
+    sizes = adata.obs["leiden"].value_counts()
+    groups = [str(g) for g in adata.obs["leiden"].cat.categories if sizes.get(g, 0) >= 2]
+    if len(groups) < 2:
+        log.warning("marker genes skipped: fewer than two clusters with at least two cells")
+        return pd.DataFrame(columns=["cluster", "gene", "scores", "log2fc", "pval", "pval_adj", "frac_in", "frac_out"])
+    if len(groups) < adata.obs["leiden"].nunique():
+        log.warning("marker genes skipped for single-cell clusters: %s",
+                    ", ".join(str(g) for g in sizes.index if sizes[g] < 2))
+    sc.tl.rank_genes_groups(adata, groupby="leiden", groups=groups, reference="rest", method="wilcoxon",
+                            use_raw=False, pts=True, key_added="markers")
     df = sc.get.rank_genes_groups_df(adata, group=None, key="markers")
-    df = df.sort_values(["group", "scores"], ascending=[True, False]).groupby("group", observed=True).head(n_genes)
+    df = df.sort_values(["group", "scores", "names"], ascending=[True, False, True], kind="mergesort")
+    df = df.groupby("group", observed=True).head(n_genes)
     df = df.rename(columns={"group": "cluster", "names": "gene", "logfoldchanges": "log2fc",
                             "pvals": "pval", "pvals_adj": "pval_adj", "pct_nz_group": "frac_in",
                             "pct_nz_reference": "frac_out"})

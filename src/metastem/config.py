@@ -11,6 +11,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import yaml
 from jsonschema import Draft202012Validator, validators
@@ -19,6 +20,8 @@ from metastem.errors import MetastemError
 
 SHEET_COLUMNS = ["dataset", "path", "format", "orientation", "species", "values", "labels", "params"]
 OVERRIDABLE = ("simulate", "qc", "cluster", "stemness", "pseudotime", "pathways")
+# Folders of OUTDIR that are not datasets: a dataset with one of these ids would share them.
+RESERVED_IDS = ("logs", "benchmarks")
 _HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
 
 
@@ -44,16 +47,62 @@ def load_schema(path: str | os.PathLike) -> dict:
         return yaml.safe_load(fh)
 
 
+class InputProblems(MetastemError):
+    """Several independent problems (e.g. one per dataset), rendered one per line."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = [p.strip() for p in problems]
+        super().__init__("\n".join(self.problems))
+
+    def __str__(self) -> str:
+        return "\n".join(self.problems)
+
+    def with_context(self, **_) -> "InputProblems":
+        return self
+
+
+def _non_finite(instance: Any, path: tuple = ()) -> list[str]:
+    """Keys holding NaN/inf: JSON Schema's minimum/maximum comparisons let them through."""
+    if isinstance(instance, dict):
+        return [p for k, v in instance.items() for p in _non_finite(v, path + (k,))]
+    if isinstance(instance, list):
+        return [p for i, v in enumerate(instance) for p in _non_finite(v, path + (i,))]
+    if isinstance(instance, float) and not np.isfinite(instance):
+        return [f"{'.'.join(map(str, path))}: {instance} is not a finite number"]
+    return []
+
+
+def schema_problems(instance: dict, schema: dict) -> list[str]:
+    """Validate ``instance`` in place (defaults filled); every problem as 'key: message'."""
+    errors = sorted(_DefaultValidator(schema).iter_errors(instance), key=lambda e: [str(p) for p in e.path])
+    lines = []
+    for e in errors:
+        key = ".".join(str(p) for p in e.path) or "(top level)"
+        msg = e.message if len(e.message) < 300 else e.message[:300] + "..."
+        if e.validator == "enum":
+            msg = f"{e.instance!r} is not one of {', '.join(map(repr, e.validator_value))}"
+        lines.append(f"{key}: {msg}")
+    return lines + _non_finite(instance)
+
+
 def validate_with_defaults(instance: dict, schema: dict, *, where: str) -> dict:
     """Validate ``instance`` in place (defaults filled); raise one MetastemError listing every problem."""
-    errors = sorted(_DefaultValidator(schema).iter_errors(instance), key=lambda e: list(e.path))
-    if errors:
-        lines = []
-        for e in errors:
-            key = ".".join(str(p) for p in e.path) or "(top level)"
-            lines.append(f"{key}: {e.message}")
+    lines = schema_problems(instance, schema)
+    if lines:
         raise MetastemError("; ".join(lines), file=where, fix="correct these keys (see workflow/schemas)")
     return instance
+
+
+def validate_config(config: dict, schema: dict, *, where: str = "config") -> dict:
+    """The workflow config against its schema, defaults filled in place; one line per bad key.
+
+    Use this instead of ``snakemake.utils.validate``, which prints the whole schema for one bad key.
+    """
+    lines = schema_problems(config, schema)
+    if lines:
+        raise InputProblems([f"{where}: {line}. Fix: correct this key (allowed keys, types and ranges: "
+                             "workflow/schemas/config.schema.yaml)" for line in lines])
+    return config
 
 
 def infer_format(path: str) -> str:
@@ -83,14 +132,28 @@ def parse_overrides(text: str) -> dict:
                                 fix="write overrides as section.key=value separated by ';'")
         key, value = (s.strip() for s in item.split("=", 1))
         parts = key.split(".")
-        if parts[0] not in OVERRIDABLE or len(parts) != 2:
+        if len(parts) != 2 or parts[0] not in OVERRIDABLE or not parts[1]:
             raise MetastemError(f"params key '{key}' cannot be overridden per dataset",
                                 fix=f"use section.key with a section among {', '.join(OVERRIDABLE)}")
-        out.setdefault(parts[0], {})[parts[1]] = yaml.safe_load(value)
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise MetastemError(f"params value of '{key}' does not parse ('{value}')",
+                                fix="write plain numbers, true/false, null or text") from None
+        if isinstance(parsed, str):  # YAML 1.1 reads '1e-3' as text; users mean a number
+            for cast in (int, float):
+                try:
+                    parsed = cast(parsed)
+                    break
+                except ValueError:
+                    pass
+        if parts[1] in out.get(parts[0], {}):
+            raise MetastemError(f"params key '{key}' is given twice", fix="keep one value per key")
+        out.setdefault(parts[0], {})[parts[1]] = parsed
     return out
 
 
-def dataset_params(config: dict, row: dict, schema: dict) -> dict:
+def dataset_params(config: dict, row: dict, schema: dict, *, where: str = "params column of the sheet") -> dict:
     """The parameters actually used for one dataset: config defaults plus the row's overrides."""
     merged = {k: copy.deepcopy(config[k]) for k in OVERRIDABLE}
     merged["seed"] = config["seed"]
@@ -98,60 +161,128 @@ def dataset_params(config: dict, row: dict, schema: dict) -> dict:
         for section, values in parse_overrides(row.get("params", "")).items():
             merged[section].update(values)
         sub = {"type": "object", "properties": {k: schema["properties"][k] for k in OVERRIDABLE}}
-        validate_with_defaults(merged, sub, where="params column")
+        validate_with_defaults(merged, sub, where=where)
     except MetastemError as err:
         raise err.with_context(dataset=row["dataset"])
     return merged
 
 
-def read_sheet(path: str | os.PathLike, schema: dict) -> pd.DataFrame:
-    """Read and validate the dataset sheet; one MetastemError listing every bad row."""
-    path = str(path)
+def _row_problem(ds: str, where: str, problem: str, fix: str) -> str:
+    return str(MetastemError(problem, dataset=ds or None, file=where, fix=fix))
+
+
+def _read_sheet(path: str, schema: dict) -> tuple[pd.DataFrame, list[str]]:
+    """The valid rows of the sheet, and one line per problem (naming the dataset, sheet line and fix)."""
     if not os.path.isfile(path):
-        raise MetastemError("dataset sheet not found", file=path,
-                            fix="set config key 'datasets' to an existing TSV file")
+        raise InputProblems([str(MetastemError("dataset sheet not found", file=path,
+                                               fix="set config key 'datasets' to an existing TSV file"))])
     try:
         df = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False, comment="#")
     except Exception as exc:  # pandas raises many types for malformed text
-        raise MetastemError(f"dataset sheet does not parse as TSV ({exc})", file=path,
-                            fix="use tab-separated columns with a header line") from None
-    df.columns = [c.strip() for c in df.columns]
+        raise InputProblems([str(MetastemError(f"dataset sheet does not parse as TSV ({type(exc).__name__}: "
+                                               f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''})",
+                                               file=path, fix="use tab-separated columns with a header line"))]) from None
+    df.columns = [str(c).strip() for c in df.columns]
     problems = []
     unknown = [c for c in df.columns if c not in SHEET_COLUMNS]
     if unknown:
         problems.append(f"unknown column(s) {unknown}; allowed: {SHEET_COLUMNS}")
+    if len(set(df.columns)) != len(df.columns):
+        problems.append("a column name appears twice")
     if "dataset" not in df.columns:
         problems.append("missing the 'dataset' column")
     if df.empty:
         problems.append("no datasets listed")
     if problems:
-        raise MetastemError("; ".join(problems), file=path, fix="correct the sheet header")
-    rows = []
+        raise InputProblems([str(MetastemError("; ".join(problems), file=path,
+                                               fix="correct the sheet header (tab-separated; see workflow/schemas/datasets.schema.yaml)"))])
+    rows, problems = [], []
     for i, rec in enumerate(df.to_dict("records"), start=2):
         rec = {k: v.strip() for k, v in rec.items()}
-        try:
-            validate_with_defaults(rec, schema, where=f"{path} line {i}")
-        except MetastemError as err:
-            problems.append(f"line {i} ({rec.get('dataset', '?')}): {err.problem}")
+        ds = rec.get("dataset", "")
+        where = f"{path} line {i}"
+        lines = schema_problems(rec, schema)
+        if lines:
+            problems.append(_row_problem(ds, where, "; ".join(lines),
+                                         "correct this row (ids: letters, digits, '_' and '-'; allowed values: "
+                                         "workflow/schemas/datasets.schema.yaml)"))
+            continue
+        if ds.lower() in RESERVED_IDS:
+            problems.append(_row_problem(ds, where, f"dataset id '{ds}' is reserved (it names a results folder)",
+                                         "rename the dataset"))
             continue
         if not rec["format"] and rec["path"]:
             rec["format"] = infer_format(rec["path"])
         if not rec["format"]:
-            problems.append(f"line {i} ({rec['dataset']}): cannot infer the format of '{rec['path']}'; "
-                            "fill the 'format' column")
+            problems.append(_row_problem(ds, where, f"cannot infer the format of '{rec['path']}'",
+                                         "fill the 'format' column"))
+            continue
         if rec["format"] in ("csv", "tsv") and not rec["orientation"]:
-            problems.append(f"line {i} ({rec['dataset']}): {rec['format']} input needs the 'orientation' "
-                            "column (genes_x_cells or cells_x_genes)")
+            problems.append(_row_problem(ds, where, f"{rec['format']} input needs the 'orientation' column",
+                                         "set orientation to genes_x_cells or cells_x_genes"))
+            continue
         if rec["format"] != "simulated" and not rec["path"]:
-            problems.append(f"line {i} ({rec['dataset']}): empty 'path'")
+            problems.append(_row_problem(ds, where, "empty 'path'", "give the input file or 10x folder"))
+            continue
+        if rec["format"] == "simulated":
+            rec["path"] = ""
+        rec["_line"] = i
         rows.append(rec)
-    ids = [r["dataset"] for r in rows]
-    dups = sorted({d for d in ids if ids.count(d) > 1})
-    if dups:
-        problems.append(f"duplicate dataset id(s): {', '.join(dups)}")
+    seen: dict[str, int] = {}
+    keep = []
+    for rec in rows:
+        key = rec["dataset"].lower()  # case-insensitive file systems would merge 'A' and 'a'
+        if key in seen:
+            problems.append(_row_problem(rec["dataset"], f"{path} line {rec['_line']}",
+                                         f"duplicate dataset id (also on line {seen[key]})",
+                                         "give every dataset a unique id (ids differing only in case count as equal)"))
+            continue
+        seen[key] = rec["_line"]
+        keep.append(rec)
+    sheet = pd.DataFrame(keep, columns=SHEET_COLUMNS).set_index("dataset", drop=False)
+    sheet.index.name = None
+    return sheet, problems
+
+
+def read_sheet(path: str | os.PathLike, schema: dict) -> pd.DataFrame:
+    """Read and validate the dataset sheet; raises ``InputProblems`` with one line per bad row."""
+    sheet, problems = _read_sheet(str(path), schema)
     if problems:
-        raise MetastemError("; ".join(problems), file=path, fix="correct the listed rows")
-    return pd.DataFrame(rows, columns=SHEET_COLUMNS).set_index("dataset", drop=False)
+        raise InputProblems(problems)
+    return sheet
+
+
+def check_workflow(config: dict, config_schema: dict, sheet_schema: dict
+                   ) -> tuple[str, pd.DataFrame, dict[str, dict], list[str]]:
+    """Everything checkable before any job runs, for all datasets at once.
+
+    Config against its schema (defaults filled in place) and outdir first: problems there raise
+    ``InputProblems``/``MetastemError`` at once (nothing else can be resolved). Then every sheet row,
+    every row's params overrides and every input (exists, readable, not empty, format as declared,
+    cheap content checks). Returns ``(outdir, sheet of the valid rows, {dataset: params}, problems)``
+    with one self-contained line per problem (dataset, file, problem, 'Fix:').
+    """
+    validate_config(config, config_schema)
+    outdir = safe_outdir(config["outdir"]).rstrip("/") or "."
+    sheet, problems = _read_sheet(str(config["datasets"]), sheet_schema)
+    params: dict[str, dict] = {}
+    for ds, rec in sheet.iterrows():
+        try:
+            params[ds] = dataset_params(config, rec.to_dict(), config_schema,
+                                        where=f"{config['datasets']}, params column")
+        except MetastemError as err:
+            problems.append(str(err))
+    problems += check_inputs(sheet)
+    return outdir, sheet, params, problems
+
+
+def validate_workflow(config: dict, config_schema: dict, sheet_schema: dict
+                      ) -> tuple[str, pd.DataFrame, dict[str, dict]]:
+    """``check_workflow`` that raises ``InputProblems`` (one line per problem) if there is any."""
+    outdir, sheet, params, problems = check_workflow(config, config_schema, sheet_schema)
+    if problems:
+        raise InputProblems(problems)
+    return outdir, sheet, params
 
 
 def sniff_format(path: str) -> str | None:
@@ -180,8 +311,68 @@ def sniff_format(path: str) -> str | None:
     return None
 
 
+_TENX_FILES = {"matrix.mtx": ("matrix.mtx",), "barcodes.tsv": ("barcodes.tsv",),
+               "features.tsv": ("features.tsv", "genes.tsv")}
+
+
+def _first_lines(path: str, n: int = 2) -> list[str]:
+    import gzip
+
+    with open(path, "rb") as fh:
+        gz = fh.read(2) == b"\x1f\x8b"
+    opener = gzip.open if gz else open
+    lines = []
+    with opener(path, "rt", errors="replace") as fh:
+        for line in fh:
+            if line.strip():
+                lines.append(line)
+            if len(lines) >= n:
+                break
+    return lines
+
+
+def _content_problem(path: str, fmt: str) -> tuple[str, str] | None:
+    """Cheap checks of content without loading the matrix: (problem, fix) or None."""
+    if fmt == "10x_mtx":
+        missing, empty = [], []
+        for name, stems in _TENX_FILES.items():
+            found = [os.path.join(path, f"{st}{gz}") for st in stems for gz in ("", ".gz")
+                     if os.path.isfile(os.path.join(path, f"{st}{gz}"))]
+            if not found:
+                missing.append(name)
+            elif os.path.getsize(found[0]) == 0:
+                empty.append(os.path.basename(found[0]))
+        if missing:
+            return (f"10x directory is missing {' and '.join(missing)} (.gz or not)",
+                    "point 'path' at the Cell Ranger filtered_feature_bc_matrix folder with all three files")
+        if empty:
+            return f"10x directory has empty file(s) {', '.join(empty)}", "re-export the Cell Ranger matrix folder"
+    elif fmt in ("csv", "tsv"):
+        lines = _first_lines(path)
+        if len(lines) < 2:
+            return ("text matrix has a header but no data rows" if lines else "text matrix is empty",
+                    "export the full matrix, not just its header")
+    elif fmt in ("h5ad", "10x_h5"):
+        import h5py
+
+        with h5py.File(path, "r") as f:
+            shape = None
+            if fmt == "h5ad" and "X" in f:
+                X = f["X"]
+                shape = tuple(X.attrs["shape"]) if "shape" in X.attrs else getattr(X, "shape", None)
+            elif fmt == "10x_h5":
+                grp = f["matrix"] if "matrix" in f else next((f[k] for k in f if isinstance(f[k], h5py.Group)), None)
+                if grp is not None and "shape" in grp:
+                    shape = tuple(grp["shape"][()])[::-1]
+            if shape is not None and len(shape) == 2 and 0 in shape:
+                return (f"matrix has {shape[0]} cells and {shape[1]} genes",
+                        "check the export; the file holds no data")
+    return None
+
+
 def check_inputs(sheet: pd.DataFrame) -> list[str]:
-    """Problems with the inputs of every dataset at once: missing, unreadable, empty, wrong format."""
+    """Problems with the inputs of every dataset at once: missing, unreadable, empty, wrong format,
+    incomplete 10x folder, header-only text, zero-sized matrix. One line per dataset."""
     problems = []
     for rec in sheet.to_dict("records"):
         ds, path, fmt = rec["dataset"], rec["path"], rec["format"]
@@ -191,27 +382,46 @@ def check_inputs(sheet: pd.DataFrame) -> list[str]:
         if not os.path.exists(path):
             problems.append(f"{where}: file not found. Fix: correct the 'path' column (relative to {os.getcwd()}).")
             continue
-        if not os.access(path, os.R_OK):
+        if not os.access(path, os.R_OK) or (os.path.isdir(path) and not os.access(path, os.X_OK)):
             problems.append(f"{where}: not readable. Fix: check the file permissions.")
             continue
         if os.path.isfile(path) and os.path.getsize(path) == 0:
             problems.append(f"{where}: file is empty. Fix: re-export or re-download it.")
             continue
-        sniffed = sniff_format(path)
+        try:
+            sniffed = sniff_format(path)
+        except OSError as exc:
+            problems.append(f"{where}: cannot be read ({exc.strerror or exc}). Fix: check the file and its permissions.")
+            continue
         expected = {"h5ad": {"h5ad"}, "10x_h5": {"10x_h5"}, "loom": {"loom"}, "csv": {"text"},
                     "tsv": {"text"}, "10x_mtx": {"10x_mtx"}}[fmt]
         if sniffed == "corrupt_hdf5":
             problems.append(f"{where}: HDF5 file is truncated or corrupt. Fix: re-export or re-download it.")
-        elif sniffed not in expected:
+            continue
+        if sniffed not in expected:
             problems.append(f"{where}: declared format '{fmt}' but the file looks like '{sniffed or 'unknown binary'}'. "
                             "Fix: correct the 'format' column or the path.")
+            continue
+        try:
+            found = _content_problem(path, fmt)
+        except Exception as exc:  # unreadable in a way the sniffing did not see
+            found = (f"cannot be read ({type(exc).__name__})", "re-export or re-download it")
+        if found:
+            problems.append(str(MetastemError(found[0], dataset=ds, file=path, fix=found[1])))
     return problems
 
 
 def safe_outdir(outdir: str) -> str:
-    """Refuse output folders that climb out of the working tree with '..'."""
+    """Refuse output folders that climb out of the working tree with '..', are empty, or hold
+    characters Snakemake would read as wildcards."""
+    if not str(outdir).strip():
+        raise MetastemError("outdir is empty", file="config", fix="set outdir to a folder name, e.g. results")
     if ".." in Path(outdir).parts:
-        raise MetastemError(f"outdir '{outdir}' contains '..'", fix="use a folder inside the working directory or an absolute path")
+        raise MetastemError(f"outdir '{outdir}' contains '..'", file="config",
+                            fix="use a folder inside the working directory or an absolute path")
+    if re.search(r"[{}\n\r\t]", outdir):
+        raise MetastemError(f"outdir '{outdir}' contains braces or control characters", file="config",
+                            fix="use a plain folder name")
     return outdir
 
 

@@ -36,22 +36,50 @@ def _find(directory: Path, stems: tuple[str, ...]) -> Path | None:
     return None
 
 
+def _read_lines_table(path: Path) -> pd.DataFrame:
+    """A header-less TSV (barcodes/features), gzipped or not, as strings."""
+    try:
+        return pd.read_csv(path, sep="\t", header=None, dtype=str, keep_default_na=False, quoting=3)
+    except pd.errors.EmptyDataError:
+        raise MetastemError(f"{path.name} is empty", fix="re-export the Cell Ranger matrix folder") from None
+    except Exception as exc:
+        raise MetastemError(f"{path.name} does not parse ({type(exc).__name__}: {exc})",
+                            fix="re-export the Cell Ranger matrix folder") from None
+
+
 def read_10x_mtx(path: str) -> ad.AnnData:
-    """A Cell Ranger matrix folder (matrix.mtx, barcodes.tsv, features.tsv or genes.tsv; gzipped or not)."""
-    import scanpy as sc
+    """A Cell Ranger matrix folder: matrix.mtx, barcodes.tsv and features.tsv (v3) or genes.tsv (v2),
+    each gzipped or not (any mix). Gene symbols become var_names, IDs go to var['gene_ids'];
+    only 'Gene Expression' features are kept when the feature type column exists."""
+    from scipy.io import mmread
 
     d = Path(path)
-    missing = [name for name, stems in (("matrix.mtx", ("matrix.mtx",)), ("barcodes.tsv", ("barcodes.tsv",)),
-                                        ("features.tsv", ("features.tsv", "genes.tsv")))
-               if _find(d, stems) is None]
+    files = {"matrix.mtx": _find(d, ("matrix.mtx",)), "barcodes.tsv": _find(d, ("barcodes.tsv",)),
+             "features.tsv": _find(d, ("features.tsv", "genes.tsv"))}
+    missing = [name for name, f in files.items() if f is None]
     if missing:
-        raise MetastemError(f"10x directory is missing {', '.join(missing)}",
+        raise MetastemError(f"10x directory is missing {' and '.join(missing)} (.gz or not)",
                             fix="point 'path' at the Cell Ranger filtered_feature_bc_matrix folder with all three files")
     try:
-        adata = sc.read_10x_mtx(d, var_names="gene_symbols", make_unique=False, gex_only=True)
+        m = mmread(str(files["matrix.mtx"]))
     except Exception as exc:
-        raise MetastemError(f"10x directory does not parse ({type(exc).__name__}: {exc})",
-                            fix="re-export the matrix; the three files must agree in size") from None
+        raise MetastemError(f"matrix.mtx does not parse as MatrixMarket ({type(exc).__name__}: {exc})",
+                            fix="re-export the matrix; it may be truncated") from None
+    barcodes = _read_lines_table(files["barcodes.tsv"])
+    feats = _read_lines_table(files["features.tsv"])
+    n_genes, n_cells = m.shape
+    if len(barcodes) != n_cells or len(feats) != n_genes:
+        raise MetastemError(f"matrix.mtx is {n_genes} genes x {n_cells} cells but there are {len(feats)} features "
+                            f"and {len(barcodes)} barcodes", fix="re-export the folder; the three files must come from one run")
+    X = sp.csr_matrix(m.T, dtype=np.float32)
+    ids = feats.iloc[:, 0].to_numpy(str)
+    symbols = feats.iloc[:, 1].to_numpy(str) if feats.shape[1] > 1 else ids
+    var = pd.DataFrame({"gene_ids": ids}, index=pd.Index(symbols))
+    if feats.shape[1] > 2:
+        var["feature_types"] = feats.iloc[:, 2].to_numpy(str)
+    adata = ad.AnnData(X=X, obs=pd.DataFrame(index=pd.Index(barcodes.iloc[:, 0].to_numpy(str))), var=var)
+    if "feature_types" in adata.var and (adata.var["feature_types"] == "Gene Expression").any():
+        adata = adata[:, (adata.var["feature_types"] == "Gene Expression").to_numpy()].copy()
     return adata
 
 
@@ -74,35 +102,94 @@ def read_h5ad(path: str) -> ad.AnnData:
                             fix="re-export it with anndata's write_h5ad") from None
 
 
+def _decode(values: np.ndarray) -> np.ndarray:
+    values = np.asarray(values)
+    if values.dtype.kind in ("S", "O"):
+        return np.array([v.decode() if isinstance(v, bytes) else str(v) for v in values.ravel()]).reshape(values.shape)
+    return values
+
+
+_LOOM_GENE_ATTRS = ("Gene", "gene", "gene_symbols", "var_names", "Accession", "gene_ids")
+_LOOM_CELL_ATTRS = ("CellID", "cell_id", "obs_names", "cell", "barcode")
+
+
 def read_loom(path: str) -> ad.AnnData:
+    """A loom file (genes x cells in /matrix, names in row_attrs/col_attrs), read with h5py directly:
+    loompy is not a dependency. 1-D col_attrs become obs columns (so 'labels' can name one)."""
+    import h5py
+
     try:
-        adata = ad.read_loom(path, sparse=True, validate=False)
+        with h5py.File(path, "r") as f:
+            if "matrix" not in f or "row_attrs" not in f or "col_attrs" not in f:
+                raise MetastemError("loom file lacks /matrix, /row_attrs or /col_attrs",
+                                    fix="re-export it with loompy or anndata's write_loom")
+            M = f["matrix"]
+            n_genes, n_cells = M.shape
+            X = sp.vstack([sp.csr_matrix(M[i:i + 2048, :]) for i in range(0, n_genes, 2048)] or
+                          [sp.csr_matrix((0, n_cells))]).T.tocsr().astype(np.float32)
+            rows = {k: _decode(f["row_attrs"][k][()]) for k in f["row_attrs"] if f["row_attrs"][k].ndim == 1}
+            cols = {k: _decode(f["col_attrs"][k][()]) for k in f["col_attrs"] if f["col_attrs"][k].ndim == 1}
+    except MetastemError:
+        raise
     except Exception as exc:
         raise MetastemError(f"loom file does not parse ({type(exc).__name__}: {exc})",
-                            fix="re-export it with loompy") from None
-    return adata
+                            fix="re-export it with loompy or anndata's write_loom") from None
+    gkey = next((k for k in _LOOM_GENE_ATTRS if k in rows), None)
+    ckey = next((k for k in _LOOM_CELL_ATTRS if k in cols), None)
+    if gkey is None or ckey is None:
+        raise MetastemError(f"loom file has no {'gene' if gkey is None else 'cell'} names "
+                            f"(row_attrs: {sorted(rows)}, col_attrs: {sorted(cols)})",
+                            fix=f"store gene names in row_attrs/{_LOOM_GENE_ATTRS[0]} and barcodes in col_attrs/{_LOOM_CELL_ATTRS[0]}")
+    var = pd.DataFrame({k: v for k, v in rows.items() if k != gkey}, index=pd.Index(rows[gkey].astype(str)))
+    obs = pd.DataFrame({k: v for k, v in cols.items() if k != ckey}, index=pd.Index(cols[ckey].astype(str)))
+    return ad.AnnData(X=X, obs=obs, var=var)
+
+
+def _header_fields(path: str, sep: str) -> list[str]:
+    import gzip
+
+    opener = gzip.open if _is_gzip(path) else open
+    with opener(path, "rt", newline="") as fh:
+        line = fh.readline().rstrip("\r\n")
+    return [f.strip().strip('"') for f in line.split(sep)]
+
+
+def _is_gzip(path: str) -> bool:
+    with open(path, "rb") as fh:
+        return fh.read(2) == b"\x1f\x8b"
 
 
 def read_text_matrix(path: str, sep: str, orientation: str) -> ad.AnnData:
-    """A dense CSV/TSV: first column holds row names, header holds column names."""
+    """A dense CSV/TSV: first column holds row names, header holds column names (with or without
+    the corner cell, as R's write.table writes it). Duplicate column names are kept as they are
+    (pandas would rename them silently), so duplicate barcodes are caught and duplicate genes warned."""
+    fix_parse = f"use a {'comma' if sep == ',' else 'tab'}-separated table with names in the first row and column"
     try:
         df = pd.read_csv(path, sep=sep, index_col=0)
     except pd.errors.EmptyDataError:
         raise MetastemError("text matrix is empty", fix="re-export the matrix") from None
+    except UnicodeDecodeError:
+        raise MetastemError("text matrix is not text (binary content)", fix="declare the right format or re-export") from None
     except Exception as exc:
-        raise MetastemError(f"text matrix does not parse ({type(exc).__name__}: {exc})",
-                            fix=f"use a {'comma' if sep == ',' else 'tab'}-separated table with names in the first row and column") from None
+        raise MetastemError(f"text matrix does not parse ({type(exc).__name__}: {str(exc).strip()})",
+                            fix=fix_parse) from None
     if df.shape[0] == 0 or df.shape[1] == 0:
         raise MetastemError(f"text matrix has a header but no data ({df.shape[0]} rows x {df.shape[1]} columns)",
                             fix="export the full matrix, not just its header")
-    non_numeric = [c for c in df.columns if not pd.api.types.is_numeric_dtype(df[c])]
+    header = _header_fields(path, sep)
+    if len(header) == df.shape[1] + 1:
+        df.columns = header[1:]
+    elif len(header) == df.shape[1]:
+        df.columns = header
+    non_numeric = [df.columns[i] for i, dt in enumerate(df.dtypes) if not pd.api.types.is_numeric_dtype(dt)]
     if non_numeric:
-        raise MetastemError(f"text matrix has non-numeric columns (e.g. {non_numeric[:3]})",
+        raise MetastemError(f"text matrix has non-numeric columns (e.g. {[str(c) for c in non_numeric[:3]]})",
                             fix="keep only the expression values, with names in the first column and header")
     if orientation == "genes_x_cells":
         df = df.T
     X = sp.csr_matrix(df.to_numpy(dtype=np.float32))
-    return ad.AnnData(X=X, obs=pd.DataFrame(index=df.index.astype(str)), var=pd.DataFrame(index=df.columns.astype(str)))
+    return ad.AnnData(X=X, obs=pd.DataFrame(index=pd.Index(df.index.astype(str))),
+                      var=pd.DataFrame(index=pd.Index(df.columns.astype(str))))
 
 
 def file_checksum(path: str, algorithm: str = "sha256") -> str:
@@ -216,10 +303,20 @@ def read_dataset(row: dict, params: dict) -> ad.AnnData:
     return adata
 
 
+def _clear_stale_temps(path: Path) -> None:
+    """Temp files a killed job left beside ``path`` (a SIGKILL skips every cleanup)."""
+    for stale in path.parent.glob(f".{path.name}.*tmp"):
+        try:
+            stale.unlink()
+        except OSError:
+            pass
+
+
 def write_h5ad_atomic(adata: ad.AnnData, path: str | os.PathLike) -> None:
     """Write to a temporary name in the same folder, then rename: no half-written file ever has the real name."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    _clear_stale_temps(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
@@ -231,9 +328,24 @@ def write_h5ad_atomic(adata: ad.AnnData, path: str | os.PathLike) -> None:
 
 
 def write_table_atomic(df: pd.DataFrame, path: str | os.PathLike, **kwargs) -> None:
-    """TSV written under a temporary name, then renamed."""
+    """TSV written under a temporary name, then renamed. A '.gz' target is really gzipped (the
+    temporary name would otherwise hide the suffix from pandas) and carries no timestamp, so equal
+    tables give byte-identical files. Floats are written with full round-trip precision."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    df.to_csv(tmp, sep="\t", **kwargs)
-    os.replace(tmp, path)
+    _clear_stale_temps(path)
+    kwargs.setdefault("lineterminator", "\n")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        if path.name.endswith(".gz") and "compression" not in kwargs:
+            import gzip
+
+            text = df.to_csv(None, sep="\t", **kwargs).encode()
+            with open(tmp, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as gz:
+                gz.write(text)
+        else:
+            df.to_csv(tmp, sep="\t", **kwargs)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()

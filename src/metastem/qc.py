@@ -16,6 +16,7 @@ from metastem.errors import MetastemError
 
 log = logging.getLogger(__name__)
 
+MAX_DOUBLET_FACTOR = 3.0  # doublet calls beyond 3x the expected rate mean scrublet's threshold failed
 REASONS = ["low_or_high_counts", "low_or_high_genes", "high_mito", "high_hb", "fixed_threshold", "doublet"]
 
 
@@ -39,10 +40,28 @@ def compute_qc_metrics(adata: ad.AnnData, species: str) -> None:
 
 
 def mad_bounds(x: np.ndarray, nmads: float) -> tuple[float, float]:
-    """median ± nmads * MAD (unscaled MAD, as in the best-practices guide)."""
+    """median ± nmads * MAD (unscaled MAD, as in the best-practices guide).
+
+    When more than half of the cells share one value the MAD is 0 and the rule would remove every
+    cell that differs at all (e.g. one mitochondrial read when most cells have none): then there is
+    no adaptive bound (±inf), and only the fixed ceilings apply.
+    """
+    x = np.asarray(x, dtype=float)
+    x = x[np.isfinite(x)]
+    if x.size == 0:
+        return -np.inf, np.inf
     med = float(np.median(x))
     mad = float(np.median(np.abs(x - med)))
+    if mad == 0:
+        return -np.inf, np.inf
     return med - nmads * mad, med + nmads * mad
+
+
+def _expm1(v: float) -> float | None:
+    """Back from log1p units; an absent bound (±inf) is None, a low bound is never below 0."""
+    if not np.isfinite(v):
+        return None
+    return float(max(np.expm1(v), 0.0))
 
 
 def qc_thresholds(obs: pd.DataFrame, qc: dict, values: str) -> dict[str, dict[str, float | None]]:
@@ -50,11 +69,11 @@ def qc_thresholds(obs: pd.DataFrame, qc: dict, values: str) -> dict[str, dict[st
     th: dict[str, dict[str, float | None]] = {}
     if values == "counts":
         lo, hi = mad_bounds(np.log1p(obs["total_counts"].to_numpy()), qc["nmads_counts"])
-        th["total_counts"] = {"low": float(np.expm1(lo)), "high": float(np.expm1(hi))}
+        th["total_counts"] = {"low": _expm1(lo), "high": _expm1(hi)}
     lo, hi = mad_bounds(np.log1p(obs["n_genes_by_counts"].to_numpy()), qc["nmads_genes"])
-    th["n_genes_by_counts"] = {"low": float(np.expm1(lo)), "high": float(np.expm1(hi))}
+    th["n_genes_by_counts"] = {"low": _expm1(lo), "high": _expm1(hi)}
     if obs["pct_counts_mt"].max() > 0:
-        _, hi = mad_bounds(obs["pct_counts_mt"].to_numpy(), qc["nmads_mito"])
+        _, hi = mad_bounds(obs["pct_counts_mt"].fillna(0).to_numpy(), qc["nmads_mito"])
         th["pct_counts_mt"] = {"low": None, "high": float(min(hi, qc["max_pct_mito"]))}
     if qc["max_pct_hb"] is not None:
         th["pct_counts_hb"] = {"low": None, "high": float(qc["max_pct_hb"])}
@@ -74,10 +93,27 @@ def call_doublets(adata: ad.AnnData, expected_rate: float, seed: int) -> tuple[n
                    use_approx_neighbors=approx)
     scores = tmp.obs["doublet_score"].to_numpy()
     threshold = tmp.uns.get("scrublet", {}).get("threshold")
-    if threshold is None or not np.isfinite(threshold):
+    # On a homogeneous population the simulated doublets look like real cells and scrublet's automatic
+    # threshold can land below most scores (seen: 114 of 120 cells called). More than
+    # MAX_DOUBLET_FACTOR x the expected rate is not a plausible doublet fraction: use the quantile.
+    implausible = threshold is not None and np.isfinite(threshold) and \
+        (scores > threshold).mean() > min(0.5, MAX_DOUBLET_FACTOR * expected_rate)
+    if threshold is None or not np.isfinite(threshold) or implausible:
+        why = (f"would call {(scores > threshold).mean():.0%} of cells" if implausible else "found no threshold")
         threshold = float(np.quantile(scores, 1 - expected_rate))
-        log.info("scrublet found no threshold; using the %.0f%% quantile %.3f", 100 * (1 - expected_rate), threshold)
+        log.warning("scrublet %s; using the %.0f%% score quantile %.3f as the doublet threshold",
+                    why, 100 * (1 - expected_rate), threshold)
     return scores, scores > threshold, float(threshold)
+
+
+def _outside(x: pd.Series, t: dict) -> np.ndarray:
+    x = x.to_numpy(dtype=float)
+    out = np.zeros(x.shape, dtype=bool)
+    if t.get("low") is not None:
+        out |= x < t["low"]
+    if t.get("high") is not None:
+        out |= x > t["high"]
+    return out
 
 
 def run_qc(adata: ad.AnnData, qc: dict, *, values: str, species: str, seed: int = 0
@@ -85,27 +121,37 @@ def run_qc(adata: ad.AnnData, qc: dict, *, values: str, species: str, seed: int 
     """Flag and remove low-quality cells and doublets; remove rarely detected genes.
 
     Returns the filtered AnnData, a per-cell table of metrics and reasons (all cells, for plots), and
-    an info dict (thresholds, counts per reason, notes) for the report.
+    an info dict (thresholds, counts per reason, notes) for the report. Raises ``MetastemError`` naming
+    ``qc.min_cells`` when too few cells are left (or were there to begin with), and when the gene
+    filter leaves no gene.
     """
     notes: list[str] = []
+    if adata.n_obs < qc["min_cells"]:
+        raise MetastemError(f"the input has only {adata.n_obs} cells, fewer than qc.min_cells={qc['min_cells']}",
+                            fix="provide more cells, or lower qc.min_cells for this dataset in the sheet's params "
+                                f"column (e.g. qc.min_cells={max(10, adata.n_obs // 2)}; the minimum is 10)")
     compute_qc_metrics(adata, species)
     obs = adata.obs
     if not gene_flags(adata.var_names, species)["mt"].any():
-        notes.append("no mitochondrial genes found (prefix %s): the % mito filter is off"
+        notes.append("no mitochondrial genes found (prefix %s): the %% mito filter is off"
                      % ("mt-" if species == "mouse" else "MT-"))
     th = qc_thresholds(obs, qc, values)
+    for metric, t in th.items():
+        if metric != "pct_counts_hb" and t["high"] is None:
+            notes.append(f"{metric}: more than half of the cells share one value (MAD 0), so the adaptive "
+                         "MAD rule is off for it")
     reasons = pd.DataFrame(False, index=obs.index, columns=REASONS)
     if "total_counts" in th:
-        t = th["total_counts"]
-        reasons["low_or_high_counts"] = (obs["total_counts"] < t["low"]) | (obs["total_counts"] > t["high"])
+        reasons["low_or_high_counts"] = _outside(obs["total_counts"], th["total_counts"])
     else:
         notes.append(f"values are '{values}', not counts: the total-counts filter is off")
-    t = th["n_genes_by_counts"]
-    reasons["low_or_high_genes"] = (obs["n_genes_by_counts"] < t["low"]) | (obs["n_genes_by_counts"] > t["high"])
+    # a cell with no detected gene is never kept, whatever the spread of the others
+    reasons["low_or_high_genes"] = _outside(obs["n_genes_by_counts"], th["n_genes_by_counts"]) | \
+        (obs["n_genes_by_counts"].to_numpy() == 0)
     if "pct_counts_mt" in th:
-        reasons["high_mito"] = obs["pct_counts_mt"] > th["pct_counts_mt"]["high"]
+        reasons["high_mito"] = _outside(obs["pct_counts_mt"].fillna(0), th["pct_counts_mt"])
     if "pct_counts_hb" in th:
-        reasons["high_hb"] = obs["pct_counts_hb"] > th["pct_counts_hb"]["high"]
+        reasons["high_hb"] = _outside(obs["pct_counts_hb"].fillna(0), th["pct_counts_hb"])
     fixed = np.zeros(adata.n_obs, dtype=bool)
     for key, col, op in (("min_genes", "n_genes_by_counts", np.less), ("max_genes", "n_genes_by_counts", np.greater),
                          ("min_counts", "total_counts", np.less), ("max_counts", "total_counts", np.greater)):
@@ -116,9 +162,13 @@ def run_qc(adata: ad.AnnData, qc: dict, *, values: str, species: str, seed: int 
     doublet_threshold = None
     if qc["doublets"] and values == "counts":
         if adata.n_obs >= 100:
-            scores, calls, doublet_threshold = call_doublets(adata, qc["doublet_rate"], seed)
-            obs["doublet_score"] = scores
-            reasons["doublet"] = calls
+            try:
+                scores, calls, doublet_threshold = call_doublets(adata, qc["doublet_rate"], seed)
+            except (ValueError, np.linalg.LinAlgError) as exc:  # degenerate data (e.g. too few genes)
+                notes.append(f"doublet detection skipped: scrublet failed on these data ({type(exc).__name__}: {exc})")
+            else:
+                obs["doublet_score"] = scores
+                reasons["doublet"] = calls
         else:
             notes.append(f"doublet detection skipped: {adata.n_obs} cells are too few for scrublet")
     elif qc["doublets"]:
@@ -130,12 +180,18 @@ def run_qc(adata: ad.AnnData, qc: dict, *, values: str, species: str, seed: int 
     metrics = metrics.join(reasons).assign(kept=keep)
     n_kept = int(keep.sum())
     if n_kept < qc["min_cells"]:
+        removed = ", ".join(f"{r} {int(reasons[r].sum())}" for r in REASONS if reasons[r].any()) or "none"
         raise MetastemError(f"QC kept {n_kept} of {adata.n_obs} cells, fewer than qc.min_cells={qc['min_cells']} "
-                            f"(removed: {', '.join(f'{r} {int(reasons[r].sum())}' for r in REASONS if reasons[r].any())})",
-                            fix="check the input, or relax qc.nmads_* / qc.max_pct_mito / fixed thresholds per dataset")
+                            f"(removed: {removed})",
+                            fix="check the input, or relax qc.nmads_* / qc.max_pct_mito / fixed thresholds, or lower "
+                                "qc.min_cells, for this dataset in the sheet's params column")
     filtered = adata[keep].copy()
     gene_cells = np.asarray((filtered.X > 0).sum(axis=0)).ravel()
     gene_keep = gene_cells >= qc["min_cells_per_gene"]
+    if not gene_keep.any():
+        raise MetastemError(f"no gene is detected in qc.min_cells_per_gene={qc['min_cells_per_gene']} of the "
+                            f"{filtered.n_obs} cells kept",
+                            fix="lower qc.min_cells_per_gene for this dataset, or check the input")
     filtered = filtered[:, gene_keep].copy()
     info = {
         "cells_in": int(adata.n_obs), "genes_in": int(adata.n_vars),

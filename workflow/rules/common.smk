@@ -3,7 +3,7 @@ import json
 import sys
 from pathlib import Path
 
-from snakemake.utils import min_version, validate
+from snakemake.utils import min_version
 
 min_version("9.0")
 
@@ -11,27 +11,19 @@ min_version("9.0")
 METASTEM_SRC = Path(str(workflow.current_basedir)).parents[1] / "src"
 sys.path.insert(0, str(METASTEM_SRC))
 
-from metastem.config import (  # noqa: E402
-    check_inputs,
-    dataset_params,
-    load_schema,
-    read_sheet,
-    safe_outdir,
-)
+from metastem.config import check_workflow, load_schema  # noqa: E402
 from metastem.errors import MetastemError  # noqa: E402
 from metastem.resources import estimate_resources, dataset_shape  # noqa: E402
 
-validate(config, "../schemas/config.schema.yaml")
 CONFIG_SCHEMA = load_schema(workflow.source_path("../schemas/config.schema.yaml"))
 SHEET_SCHEMA = load_schema(workflow.source_path("../schemas/datasets.schema.yaml"))
 
+# Config (not snakemake.utils.validate: it prints the whole schema for one bad key), sheet rows,
+# params overrides and inputs of every dataset, before any job; one line per problem.
 try:
-    OUTDIR = safe_outdir(config["outdir"]).rstrip("/")
-    SHEET = read_sheet(config["datasets"], SHEET_SCHEMA)
-    PARAMS = {ds: dataset_params(config, row, CONFIG_SCHEMA) for ds, row in SHEET.iterrows()}
-except MetastemError as err:
-    sys.exit(f"metastem: {err}")
-_problems = check_inputs(SHEET)
+    OUTDIR, SHEET, PARAMS, _problems = check_workflow(config, CONFIG_SCHEMA, SHEET_SCHEMA)
+except MetastemError as err:  # the config itself is unusable
+    sys.exit("\n".join(f"metastem: {line}" for line in str(err).splitlines()))
 DATASETS = list(SHEET.index)
 REPO_ROOT = METASTEM_SRC.parent
 

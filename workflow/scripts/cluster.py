@@ -10,12 +10,16 @@ def main(smk) -> None:
     import anndata as ad
 
     from metastem import cluster, io, plots
+    from metastem.errors import MetastemError
     from metastem.smk import write_json_atomic
 
     row, p = smk.params.row, smk.params.params
     adata = ad.read_h5ad(smk.input.h5ad)
     norm = cluster.normalize(adata, values=row["values"], target_sum=p["cluster"]["target_sum"])
-    notes = cluster.embed_and_cluster(adata, p["cluster"], seed=p["seed"])
+    try:
+        notes = cluster.embed_and_cluster(adata, p["cluster"], seed=p["seed"])
+    except MetastemError as err:
+        raise err.with_context(file=smk.input.h5ad)
     markers = cluster.marker_genes(adata, p["cluster"]["n_markers"])
     sizes = adata.obs["leiden"].value_counts().rename_axis("cluster").reset_index(name="n_cells")
     sizes["fraction"] = sizes["n_cells"] / adata.n_obs

@@ -10,11 +10,15 @@ def main(smk) -> None:
     import json
 
     from metastem import io, plots, qc
+    from metastem.errors import MetastemError
     from metastem.smk import write_json_atomic
 
     row, p = smk.params.row, smk.params.params
     adata = io.read_dataset(row, p)
-    filtered, cells, info = qc.run_qc(adata, p["qc"], values=row["values"], species=row["species"], seed=p["seed"])
+    try:
+        filtered, cells, info = qc.run_qc(adata, p["qc"], values=row["values"], species=row["species"], seed=p["seed"])
+    except MetastemError as err:
+        raise err.with_context(file=row["path"] or "(simulated)")
     filtered.uns["metastem"] = {"dataset": row["dataset"], "species": row["species"], "values": row["values"],
                                 "labels": row["labels"], "params_json": json.dumps(p)}
     info["input"] = {"path": row["path"] or "(built-in simulator)", "format": row["format"],

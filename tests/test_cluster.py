@@ -1,0 +1,144 @@
+"""Normalisation, graph, Leiden and markers: real data, a >=5000-cell pynndescent graph, edge cases."""
+from __future__ import annotations
+
+import copy
+import logging
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+
+from metastem import cluster, qc
+from metastem.errors import MetastemError
+from metastem.io import read_dataset
+
+
+def _row(path, fmt, values, species, orientation="", labels=""):
+    return {"dataset": "real", "path": str(path), "format": fmt, "orientation": orientation, "species": species,
+            "values": values, "labels": labels, "params": ""}
+
+
+def check_clustered(adata: ad.AnnData, values: str) -> None:
+    """The clustered-AnnData contract of docs/CONTRACTS.md (what this module can produce)."""
+    assert sp.isspmatrix_csr(adata.X) or isinstance(adata.X, sp.csr_array)
+    assert adata.X.dtype == np.float32
+    assert ("counts" in adata.layers) == (values == "counts")
+    assert isinstance(adata.obs["leiden"].dtype, pd.CategoricalDtype) and adata.obs["leiden"].nunique() >= 2
+    assert isinstance(adata.obs["knn_component"].dtype, pd.CategoricalDtype)
+    for key in ("X_pca", "X_umap"):
+        assert adata.obsm[key].shape[0] == adata.n_obs and np.isfinite(adata.obsm[key]).all()
+    for key in ("connectivities", "distances"):
+        assert adata.obsp[key].shape == (adata.n_obs, adata.n_obs)
+    assert "neighbors" in adata.uns
+
+
+def _qc_and_cluster(adata, defaults, values, species, **cluster_params):
+    p = copy.deepcopy(defaults)
+    filtered, _, _ = qc.run_qc(adata, p["qc"], values=values, species=species, seed=0)
+    note = cluster.normalize(filtered, values=values, target_sum=p["cluster"]["target_sum"])
+    notes = cluster.embed_and_cluster(filtered, {**p["cluster"], **cluster_params}, seed=0)
+    return filtered, note, notes
+
+
+def test_ginhoux_log_values_cluster(shared_datasets, defaults):
+    adata = read_dataset(_row(shared_datasets / "ginhoux_dc_progenitors.h5ad", "h5ad", "log", "mouse",
+                              labels="group"), defaults)
+    out, note, _ = _qc_and_cluster(adata, defaults, "log", "mouse")
+    check_clustered(out, "log")
+    assert "used as given" in note and out.n_obs >= 200
+    np.testing.assert_allclose(out.X.max(), adata.X.max(), rtol=1e-6)  # log values not transformed again
+    markers = cluster.marker_genes(out, 5)
+    assert set(markers["cluster"]) == set(out.obs["leiden"].cat.categories)
+    # the known progenitor groups are not all mixed up: some cluster is dominated by one group
+    purity = pd.crosstab(out.obs["leiden"], out.obs["group"], normalize="index").max(axis=1)
+    assert purity.max() > 0.8
+
+
+def test_oligodendroglioma_tpm_cluster(shared_datasets, defaults):
+    path = shared_datasets / "oligodendroglioma_expression_downsampled.counts.matrix.gz"
+    adata = read_dataset(_row(path, "tsv", "normalized", "human", orientation="genes_x_cells"), defaults)
+    out, note, _ = _qc_and_cluster(adata, defaults, "normalized", "human")
+    check_clustered(out, "normalized")
+    assert "log1p-transformed" in note
+    ann = pd.read_csv(shared_datasets / "oligodendroglioma_annotations_downsampled.txt", sep="\t", header=None,
+                      index_col=0)[1]
+    malignant = ann.reindex(out.obs_names).str.startswith("malignant").to_numpy()
+    # normal (non-malignant) cells and tumour cells end up mostly in different clusters
+    frac = pd.Series(malignant).groupby(out.obs["leiden"].to_numpy(), observed=True).mean()
+    assert frac.min() < 0.2 and frac.max() > 0.8
+
+
+def test_pynndescent_graph_at_5000_cells(defaults):
+    """From 4096 cells scanpy uses pynndescent; 0.7 returns csr_array and breaks scanpy 1.11 (getnnz)."""
+    import pynndescent
+    from packaging.version import Version
+
+    from metastem.simulate import simulate_tumour
+
+    assert Version(pynndescent.__version__) < Version("0.7"), pynndescent.__version__
+    adata = simulate_tumour(5000, 1000, seed=0, frac_doublets=0.0, frac_low_quality=0.0)
+    assert adata.n_obs >= 5000
+    cluster.normalize(adata, values="counts", target_sum=1e4)
+    notes = cluster.build_graph(adata, {**defaults["cluster"], "n_top_genes": 500, "n_pcs": 20}, seed=0)
+    assert adata.uns["neighbors"]["params"]["method"] == "umap"
+    for key in ("connectivities", "distances"):
+        g = adata.obsp[key]
+        assert sp.issparse(g) and g.shape == (adata.n_obs, adata.n_obs)
+        assert g.nnz >= adata.n_obs * (defaults["cluster"]["n_neighbors"] - 1)
+    assert "knn_component" in adata.obs and isinstance(notes, list)
+
+
+def _two_worlds(n=150, n_genes=200, seed=0):
+    """Two groups of cells with no gene in common: a kNN graph with two components."""
+    rng = np.random.default_rng(seed)
+    X = np.zeros((2 * n, n_genes), dtype=np.float32)
+    X[:n, : n_genes // 2] = rng.poisson(3.0, size=(n, n_genes // 2))
+    X[n:, n_genes // 2:] = rng.poisson(3.0, size=(n, n_genes // 2))
+    return ad.AnnData(X=sp.csr_matrix(X), obs=pd.DataFrame(index=[f"c{i}" for i in range(2 * n)]),
+                      var=pd.DataFrame(index=[f"GENE{i}" for i in range(n_genes)]))
+
+
+def test_disconnected_graph_is_a_warning_not_an_error(defaults, caplog):
+    adata = _two_worlds()
+    cluster.normalize(adata, values="counts", target_sum=1e4)
+    with caplog.at_level(logging.WARNING):
+        notes = cluster.embed_and_cluster(adata, defaults["cluster"], seed=0)
+    assert adata.obs["knn_component"].nunique() == 2
+    assert any("disconnected components" in n for n in notes) and "disconnected components" in caplog.text
+    assert adata.obs["knn_component"].value_counts().tolist() == [150, 150]
+
+
+def test_single_cluster_names_the_resolution(defaults):
+    rng = np.random.default_rng(0)
+    X = rng.poisson(2.0, size=(120, 150)).astype(np.float32)  # one homogeneous population
+    adata = ad.AnnData(X=sp.csr_matrix(X), obs=pd.DataFrame(index=[f"c{i}" for i in range(120)]),
+                       var=pd.DataFrame(index=[f"GENE{i}" for i in range(150)]))
+    cluster.normalize(adata, values="counts", target_sum=1e4)
+    with pytest.raises(MetastemError, match="single cluster") as err:
+        cluster.embed_and_cluster(adata, {**defaults["cluster"], "resolution": 0.01}, seed=0)
+    assert "cluster.resolution" in err.value.fix and "cluster.resolution=0.01" in err.value.problem
+
+
+def test_markers_skip_single_cell_clusters(defaults):
+    adata = _two_worlds(n=60)
+    cluster.normalize(adata, values="counts", target_sum=1e4)
+    cluster.embed_and_cluster(adata, defaults["cluster"], seed=0)
+    cats = list(adata.obs["leiden"].cat.categories)
+    adata.obs["leiden"] = pd.Categorical(["lonely"] + list(adata.obs["leiden"].astype(str)[1:]),
+                                         categories=cats + ["lonely"])
+    m = cluster.marker_genes(adata, 3)
+    assert "lonely" not in set(m["cluster"]) and len(m) > 0
+
+
+def test_embedding_is_deterministic(demo_raw, demo_clustered, defaults):
+    """Same data, same seed: identical graph, UMAP and Leiden (the conftest fixture is run 1)."""
+    adata, _, _ = qc.run_qc(demo_raw.copy(), defaults["qc"], values="counts", species="human", seed=0)
+    cluster.normalize(adata, values="counts", target_sum=defaults["cluster"]["target_sum"])
+    cluster.embed_and_cluster(adata, defaults["cluster"], seed=0)
+    assert list(adata.obs_names) == list(demo_clustered.obs_names)
+    assert (adata.obs["leiden"].astype(str) == demo_clustered.obs["leiden"].astype(str)).all()
+    np.testing.assert_array_equal(adata.obsm["X_pca"], demo_clustered.obsm["X_pca"])
+    np.testing.assert_array_equal(adata.obsm["X_umap"], demo_clustered.obsm["X_umap"])
+    assert (adata.obsp["connectivities"] != demo_clustered.obsp["connectivities"]).nnz == 0

@@ -1,0 +1,356 @@
+"""Readers for every input format, on tiny files written here, and the checks of read_dataset."""
+from __future__ import annotations
+
+import gzip
+import logging
+
+import anndata as ad
+import h5py
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+
+from metastem import io
+from metastem.errors import MetastemError
+
+N_CELLS, N_GENES = 30, 40
+
+
+def tiny_counts(seed: int = 0, n_cells: int = N_CELLS, n_genes: int = N_GENES) -> ad.AnnData:
+    """Integer counts, human symbols (with MT- genes), ~50% zeros."""
+    rng = np.random.default_rng(seed)
+    X = rng.poisson(1.0, size=(n_cells, n_genes)).astype(np.float32)
+    genes = [f"MT-CO{i}" for i in range(1, 4)] + [f"GENE{i}" for i in range(n_genes - 3)]
+    return ad.AnnData(X=sp.csr_matrix(X), obs=pd.DataFrame(index=[f"AAAC{i:04d}-1" for i in range(n_cells)]),
+                      var=pd.DataFrame(index=genes))
+
+
+def row(path, fmt, values="counts", species="human", orientation="", labels="", dataset="ds1") -> dict:
+    return {"dataset": dataset, "path": str(path), "format": fmt, "orientation": orientation, "species": species,
+            "values": values, "labels": labels, "params": ""}
+
+
+def read(path, fmt, **kw):
+    return io.read_dataset(row(path, fmt, **kw), {"seed": 0})
+
+
+def same_matrix(a: ad.AnnData, ref: ad.AnnData) -> None:
+    assert a.n_obs == ref.n_obs and a.n_vars == ref.n_vars
+    assert list(a.obs_names) == list(ref.obs_names)
+    assert list(a.var_names) == list(ref.var_names)
+    assert sp.issparse(a.X) and a.X.format == "csr" and a.X.dtype == np.float32
+    np.testing.assert_array_equal(a.X.toarray(), ref.X.toarray())
+
+
+# ----------------------------------------------------------------------------------------- 10x mtx
+def write_10x_mtx(d, adata, *, version=3, gz=True, drop=()):
+    from scipy.io import mmwrite
+
+    d.mkdir(parents=True, exist_ok=True)
+    op = (lambda p: gzip.open(p, "wt")) if gz else (lambda p: open(p, "w"))
+    sfx = ".gz" if gz else ""
+    if "matrix.mtx" not in drop:
+        mmwrite(str(d / "matrix.mtx"), sp.csr_matrix(adata.X.T).astype(np.int64), field="integer")
+        if gz:
+            (d / "matrix.mtx.gz").write_bytes(gzip.compress((d / "matrix.mtx").read_bytes()))
+            (d / "matrix.mtx").unlink()
+    if "barcodes" not in drop:
+        with op(d / f"barcodes.tsv{sfx}") as fh:
+            fh.write("".join(f"{b}\n" for b in adata.obs_names))
+    if "features" not in drop:
+        name = "features.tsv" if version == 3 else "genes.tsv"
+        with op(d / f"{name}{sfx}") as fh:
+            for i, g in enumerate(adata.var_names):
+                fh.write(f"ENSG{i:011d}\t{g}" + ("\tGene Expression\n" if version == 3 else "\n"))
+    return d
+
+
+@pytest.mark.parametrize("version, gz", [(3, True), (3, False), (2, False), (2, True)])
+def test_10x_mtx(tmp_path, version, gz):
+    ref = tiny_counts()
+    d = write_10x_mtx(tmp_path / "mtx", ref, version=version, gz=gz)
+    a = read(d, "10x_mtx")
+    same_matrix(a, ref)
+    assert a.var["gene_ids"].iloc[0] == "ENSG00000000000"
+
+
+def test_10x_mtx_keeps_gene_expression_only(tmp_path):
+    ref = tiny_counts()
+    d = write_10x_mtx(tmp_path / "mtx", ref)
+    lines = gzip.open(d / "features.tsv.gz", "rt").read().splitlines()
+    lines[-1] = lines[-1].replace("Gene Expression", "Antibody Capture")
+    (d / "features.tsv.gz").write_bytes(gzip.compress(("\n".join(lines) + "\n").encode()))
+    a = read(d, "10x_mtx")
+    assert a.n_vars == ref.n_vars - 1 and ref.var_names[-1] not in a.var_names
+
+
+@pytest.mark.parametrize("drop, word", [("barcodes", "barcodes.tsv"), ("features", "features.tsv"),
+                                        ("matrix.mtx", "matrix.mtx")])
+def test_10x_mtx_missing_file(tmp_path, drop, word):
+    d = write_10x_mtx(tmp_path / "mtx", tiny_counts(), drop=(drop,))
+    with pytest.raises(MetastemError, match=f"missing {word}") as err:
+        read(d, "10x_mtx")
+    assert "dataset 'ds1'" in str(err.value) and str(d) in str(err.value) and "Fix:" in str(err.value)
+
+
+def test_10x_mtx_size_disagreement(tmp_path):
+    ref = tiny_counts()
+    d = write_10x_mtx(tmp_path / "mtx", ref)
+    (d / "barcodes.tsv.gz").write_bytes(gzip.compress("".join(f"{b}\n" for b in ref.obs_names[:-2]).encode()))
+    with pytest.raises(MetastemError, match="28 barcodes"):
+        read(d, "10x_mtx")
+
+
+# ----------------------------------------------------------------------------------------- 10x h5
+def write_10x_h5(path, adata, symbols=True):
+    """The Cell Ranger v3 layout: /matrix/{data,indices,indptr,shape,barcodes,features/...} (CSC, genes x cells)."""
+    m = sp.csc_matrix(adata.X.T.astype(np.int32))  # genes x cells, CSC = per-cell columns
+    ids = [f"ENSG{i:011d}" for i in range(adata.n_vars)]
+    with h5py.File(path, "w") as f:
+        g = f.create_group("matrix")
+        g["data"], g["indices"], g["indptr"] = m.data, m.indices.astype(np.int64), m.indptr.astype(np.int64)
+        g["shape"] = np.array([adata.n_vars, adata.n_obs], dtype=np.int32)
+        g["barcodes"] = np.array(list(adata.obs_names), dtype="S")
+        fg = g.create_group("features")
+        fg["id"] = np.array(ids, dtype="S")
+        fg["name"] = np.array(list(adata.var_names) if symbols else ids, dtype="S")
+        fg["feature_type"] = np.array(["Gene Expression"] * adata.n_vars, dtype="S")
+        fg["genome"] = np.array(["GRCh38"] * adata.n_vars, dtype="S")
+        fg["_all_tag_keys"] = np.array([b"genome"])
+    return path
+
+
+def test_10x_h5(tmp_path):
+    ref = tiny_counts()
+    a = read(write_10x_h5(tmp_path / "x.h5", ref), "10x_h5")
+    same_matrix(a, ref)
+
+
+def test_10x_h5_ensembl_names_without_symbols_is_an_error(tmp_path):
+    ref = tiny_counts()
+    with pytest.raises(MetastemError, match="Ensembl IDs and no gene-symbol column") as err:
+        read(write_10x_h5(tmp_path / "x.h5", ref, symbols=False), "10x_h5")
+    assert "Fix:" in str(err.value)
+
+
+def test_corrupt_h5_is_one_error(tmp_path):
+    p = write_10x_h5(tmp_path / "x.h5", tiny_counts())
+    p.write_bytes(p.read_bytes()[:600])
+    with pytest.raises(MetastemError, match="not a readable 10x HDF5"):
+        read(p, "10x_h5")
+
+
+# ----------------------------------------------------------------------------------------- h5ad
+def test_h5ad_and_dense_x(tmp_path):
+    ref = tiny_counts()
+    dense = ref.copy()
+    dense.X = dense.X.toarray().astype(np.int64)
+    dense.obs["cell_type"] = ["a", "b"] * (N_CELLS // 2)
+    dense.write_h5ad(tmp_path / "x.h5ad")
+    a = read(tmp_path / "x.h5ad", "h5ad", labels="cell_type")
+    same_matrix(a, ref)
+    assert list(a.obs["cell_type"][:2]) == ["a", "b"]
+
+
+def test_h5ad_missing_labels_column(tmp_path):
+    tiny_counts().write_h5ad(tmp_path / "x.h5ad")
+    with pytest.raises(MetastemError, match="labels column 'celltype' is not in obs"):
+        read(tmp_path / "x.h5ad", "h5ad", labels="celltype")
+
+
+def test_truncated_h5ad(tmp_path):
+    p = tmp_path / "x.h5ad"
+    tiny_counts().write_h5ad(p)
+    p.write_bytes(p.read_bytes()[:2000])
+    with pytest.raises(MetastemError, match="truncated or corrupt"):
+        read(p, "h5ad")
+
+
+def test_ensembl_var_names_use_the_symbol_column(tmp_path):
+    ref = tiny_counts()
+    ens = ref.copy()
+    ens.var["gene_symbols"] = list(ref.var_names)
+    ens.var_names = [f"ENSG{i:011d}.{i % 3}" for i in range(ref.n_vars)]
+    ens.write_h5ad(tmp_path / "x.h5ad")
+    a = read(tmp_path / "x.h5ad", "h5ad")
+    assert list(a.var_names) == list(ref.var_names)
+    assert a.var["gene_ids"].iloc[1] == "ENSG00000000001.1"
+
+
+# ----------------------------------------------------------------------------------------- loom
+def write_loom(path, adata):
+    """The loom layout (genes x cells in /matrix) with h5py: loompy is not a dependency."""
+    with h5py.File(path, "w") as f:
+        f["matrix"] = adata.X.T.toarray()
+        f.create_group("layers")
+        f.create_group("row_attrs")["Gene"] = np.array(list(adata.var_names), dtype="S")
+        ca = f.create_group("col_attrs")
+        ca["CellID"] = np.array(list(adata.obs_names), dtype="S")
+        ca["cluster"] = np.array(["x", "y"] * (adata.n_obs // 2), dtype="S")
+        f.create_group("col_graphs"), f.create_group("row_graphs")
+        f.attrs["LOOM_SPEC_VERSION"] = "3.0.0"
+    return path
+
+
+def test_loom(tmp_path):
+    ref = tiny_counts()
+    a = read(write_loom(tmp_path / "x.loom", ref), "loom", labels="cluster")
+    same_matrix(a, ref)
+    assert a.obs["cluster"].iloc[1] == "y"
+
+
+def test_loom_without_names(tmp_path):
+    p = write_loom(tmp_path / "x.loom", tiny_counts())
+    with h5py.File(p, "a") as f:
+        del f["row_attrs"]["Gene"]
+    with pytest.raises(MetastemError, match="no gene names"):
+        read(p, "loom")
+
+
+# ----------------------------------------------------------------------------------------- text
+@pytest.mark.parametrize("sep, fmt, orientation, gz, corner", [
+    (",", "csv", "cells_x_genes", False, True),
+    (",", "csv", "genes_x_cells", True, True),
+    ("\t", "tsv", "genes_x_cells", True, False),    # R write.table: header without the corner cell
+    ("\t", "tsv", "cells_x_genes", False, True),
+])
+def test_text_matrix(tmp_path, sep, fmt, orientation, gz, corner):
+    ref = tiny_counts()
+    df = ref.to_df().astype(int)
+    if orientation == "genes_x_cells":
+        df = df.T
+    text = df.to_csv(sep=sep)
+    if not corner:
+        lines = text.splitlines()
+        lines[0] = lines[0].split(sep, 1)[1]
+        text = "\n".join(lines) + "\n"
+    p = tmp_path / f"x.{fmt}{'.gz' if gz else ''}"
+    p.write_bytes(gzip.compress(text.encode()) if gz else text.encode())
+    same_matrix(read(p, fmt, orientation=orientation), ref)
+
+
+def test_text_header_only(tmp_path):
+    p = tmp_path / "x.csv"
+    p.write_text("gene,c1,c2\n")
+    with pytest.raises(MetastemError, match="header but no data") as err:
+        read(p, "csv", orientation="genes_x_cells")
+    assert "Fix:" in str(err.value)
+
+
+def test_text_non_numeric(tmp_path):
+    p = tmp_path / "x.csv"
+    p.write_text("gene,c1,c2\nA,1,x\nB,2,3\n")
+    with pytest.raises(MetastemError, match="non-numeric"):
+        read(p, "csv", orientation="genes_x_cells")
+
+
+def test_duplicate_barcodes_in_text_header_are_not_renamed(tmp_path):
+    """pandas would silently rename a repeated column 'c1' to 'c1.1'; we must see it."""
+    df = tiny_counts().to_df().astype(int).T
+    cols = list(df.columns)
+    cols[1] = cols[0]
+    df.columns = cols
+    p = tmp_path / "x.csv"
+    df.to_csv(p)
+    with pytest.raises(MetastemError, match="duplicate cell barcodes"):
+        read(p, "csv", orientation="genes_x_cells")
+
+
+def test_duplicate_gene_symbols_warn_and_are_made_unique(tmp_path, caplog):
+    ref = tiny_counts()
+    names = list(ref.var_names)
+    names[5] = names[4]
+    ref.var_names = names
+    p = tmp_path / "x.h5ad"
+    ref.write_h5ad(p)
+    with caplog.at_level(logging.WARNING):
+        a = read(p, "h5ad")
+    assert a.var_names.is_unique and f"{names[4]}-1" in a.var_names
+    assert "duplicate gene symbols made unique" in caplog.text
+
+
+# ----------------------------------------------------------------------------------------- values
+@pytest.mark.parametrize("edit, values, words", [
+    (lambda X: X.__setitem__((0, 0), -1), "counts", "negative values"),
+    (lambda X: X.__setitem__((0, 0), np.nan), "counts", "NaN or infinite"),
+    (lambda X: X.__setitem__((1, 2), np.inf), "log", "NaN or infinite"),
+    (lambda X: X.__setitem__((0, 0), 0.5), "counts", "non-integer"),
+])
+def test_bad_values(tmp_path, edit, values, words):
+    a = tiny_counts()
+    X = a.X.toarray()
+    edit(X)
+    a.X = X
+    a.write_h5ad(tmp_path / "x.h5ad")
+    with pytest.raises(MetastemError, match=words) as err:
+        read(tmp_path / "x.h5ad", "h5ad", values=values)
+    assert "Fix:" in str(err.value) and "dataset 'ds1'" in str(err.value)
+
+
+def test_non_integer_values_are_fine_when_declared_normalized(tmp_path):
+    a = tiny_counts()
+    a.X = a.X * 0.5
+    a.write_h5ad(tmp_path / "x.h5ad")
+    assert read(tmp_path / "x.h5ad", "h5ad", values="normalized").n_obs == N_CELLS
+
+
+@pytest.mark.parametrize("shape", [(0, N_GENES), (N_CELLS, 0)])
+def test_zero_cells_or_genes(tmp_path, shape):
+    a = tiny_counts()[: shape[0], : shape[1]].copy()
+    a.write_h5ad(tmp_path / "x.h5ad")
+    with pytest.raises(MetastemError, match=f"{shape[0]} cells and {shape[1]} genes"):
+        read(tmp_path / "x.h5ad", "h5ad")
+
+
+def test_species_mismatch(tmp_path):
+    a = tiny_counts()
+    a.var_names = [f"Gm{i}" if i % 2 else f"Actb{i}" for i in range(N_GENES)]  # mouse-style symbols
+    a.write_h5ad(tmp_path / "x.h5ad")
+    with pytest.raises(MetastemError, match="declared human but .* look like mouse") as err:
+        read(tmp_path / "x.h5ad", "h5ad")
+    assert "set species to mouse" in str(err.value)
+    assert read(tmp_path / "x.h5ad", "h5ad", species="mouse").n_vars == N_GENES
+
+
+def test_simulated_row_is_deterministic():
+    p = {"seed": 3, "simulate": {"n_cells": 100, "n_genes": 500, "frac_doublets": 0.05,
+                                 "frac_low_quality": 0.05, "mean_library_size": 2000}}
+    r = {**row("", "simulated"), "path": ""}
+    a, b = io.read_dataset(r, p), io.read_dataset(r, p)
+    assert (a.X != b.X).nnz == 0 and list(a.obs_names) == list(b.obs_names)
+
+
+# ----------------------------------------------------------------------------------------- writing
+def test_write_table_atomic_gzip_is_real_and_byte_stable(tmp_path):
+    df = pd.DataFrame({"a": [1.5, 2.0], "b": ["x", "y"]}, index=["c1", "c2"])
+    p = tmp_path / "t.tsv.gz"
+    io.write_table_atomic(df, p, index_label="cell")
+    first = p.read_bytes()
+    assert first[:2] == b"\x1f\x8b"
+    assert pd.read_csv(p, sep="\t", index_col=0).equals(df.rename_axis("cell"))
+    io.write_table_atomic(df, p, index_label="cell")
+    assert p.read_bytes() == first
+    assert [q.name for q in tmp_path.iterdir()] == ["t.tsv.gz"]  # no temp files left
+
+
+def test_write_h5ad_atomic_clears_stale_temps(tmp_path):
+    stale = tmp_path / ".x.h5ad.abc123.tmp"
+    stale.write_bytes(b"half")
+    io.write_h5ad_atomic(tiny_counts(), tmp_path / "x.h5ad")
+    assert sorted(q.name for q in tmp_path.iterdir()) == ["x.h5ad"]
+
+
+# ----------------------------------------------------------------------------------------- real data
+def test_real_datasets_read(shared_datasets):
+    gin = read(shared_datasets / "ginhoux_dc_progenitors.h5ad", "h5ad", values="log", species="mouse",
+               labels="group")
+    assert gin.shape == (245, 2000)
+    oli = read(shared_datasets / "oligodendroglioma_expression_downsampled.counts.matrix.gz", "tsv",
+               values="normalized", orientation="genes_x_cells")
+    assert oli.shape == (184, 10338) and oli.obs_names[0] == "MGH54_P16_F12"
+    with pytest.raises(MetastemError, match="non-integer"):
+        read(shared_datasets / "oligodendroglioma_expression_downsampled.counts.matrix.gz", "tsv",
+             values="counts", orientation="genes_x_cells")
+    pan = read(shared_datasets / "pancreas_50obs_raw.h5ad", "h5ad", species="mouse")
+    assert pan.shape == (50, 27998) and pan.var_names.is_unique
