@@ -78,7 +78,7 @@ class Stage:
 
 # ----------------------------------------------------------------------------- the report rule's inputs
 
-def stage_inputs(workflow: Any, wildcards: Any) -> dict[str, list[str]]:
+def stage_inputs(rules: Any, wildcards: Any) -> dict[str, list[str]]:
     """The tables, figures and info.json each stage rule declares for a dataset, grouped by stage.
 
     Taken from the rules themselves, so the report follows whatever files a stage writes and builds
@@ -87,8 +87,8 @@ def stage_inputs(workflow: Any, wildcards: Any) -> dict[str, list[str]]:
     """
     out = {}
     for stage in STAGES:
-        if workflow.is_rule(stage):
-            files = [Path(f.apply_wildcards(wildcards)) for f in workflow.get_rule(stage).output]
+        if rules.has(stage):  # Snakemake's `rules` keeps the plain names inside a module (metastem_qc -> qc)
+            files = [Path(f.apply_wildcards(wildcards)) for f in getattr(rules, stage).rule.output]
             out[stage] = [str(f) for f in files if f.suffix in (".tsv", ".png", ".json") or f.name == "final.h5ad"]
     return out
 

@@ -20,18 +20,18 @@ rule cluster:
             category="2. Clusters",
             labels={"dataset": "{dataset}", "figure": "UMAP clusters"},
         ),
-    params:
-        row=row,
-        params=params_of,
     log:
         f"{OUTDIR}/logs/{{dataset}}/cluster.log",
     benchmark:
         f"{OUTDIR}/benchmarks/{{dataset}}/cluster.tsv"
+    conda:
+        "../../envs/analysis.yaml"
     threads: 2
     resources:
         mem_mb=res("cluster", "mem_mb"),
         runtime=res("cluster", "runtime"),
-    conda:
-        "../../envs/analysis.yaml"
+    params:
+        row=row,
+        params=params_of,
     script:
         "../scripts/cluster.py"

@@ -21,7 +21,9 @@ SHEET_SCHEMA = load_schema(workflow.source_path("../schemas/datasets.schema.yaml
 # Config (not snakemake.utils.validate: it prints the whole schema for one bad key), sheet rows,
 # params overrides and inputs of every dataset, before any job; one line per problem.
 try:
-    OUTDIR, SHEET, PARAMS, _problems = check_workflow(config, CONFIG_SCHEMA, SHEET_SCHEMA)
+    OUTDIR, SHEET, PARAMS, _problems = check_workflow(
+        config, CONFIG_SCHEMA, SHEET_SCHEMA
+    )
 except MetastemError as err:  # the config itself is unusable
     sys.exit("\n".join(f"metastem: {line}" for line in str(err).splitlines()))
 DATASETS = list(SHEET.index)
@@ -30,10 +32,15 @@ REPO_ROOT = METASTEM_SRC.parent
 
 def resolve_gene_sets(paths: list[str], species: str) -> list[str]:
     """GMT paths with '{species}' filled in; relative paths are looked up in the working directory
-    first, then in the metastem repository, so the shipped sets resolve when used as a module."""
+    first, then in the metastem repository, so the shipped sets resolve when used as a module.
+    """
     out = []
     for p in (p.replace("{species}", species) for p in paths):
-        if not Path(p).is_absolute() and not Path(p).exists() and (REPO_ROOT / p).exists():
+        if (
+            not Path(p).is_absolute()
+            and not Path(p).exists()
+            and (REPO_ROOT / p).exists()
+        ):
             p = str(REPO_ROOT / p)
         out.append(p)
     return out
@@ -41,15 +48,31 @@ def resolve_gene_sets(paths: list[str], species: str) -> list[str]:
 
 for _ds, _p in PARAMS.items():
     _species = SHEET.loc[_ds, "species"]
-    _p["stemness"]["gene_sets"] = resolve_gene_sets(_p["stemness"]["gene_sets"], _species)
-    _p["pathways"]["gene_sets"] = resolve_gene_sets(_p["pathways"]["gene_sets"], _species)
-    _p["pathways"]["extra_gene_sets"] = resolve_gene_sets(_p["pathways"]["extra_gene_sets"], _species)
-    (_p["pathways"]["aliases"],) = resolve_gene_sets([_p["pathways"]["aliases"]], _species)
-    for _gmt in _p["stemness"]["gene_sets"] + _p["pathways"]["gene_sets"] + _p["pathways"]["extra_gene_sets"]:
+    _p["stemness"]["gene_sets"] = resolve_gene_sets(
+        _p["stemness"]["gene_sets"], _species
+    )
+    _p["pathways"]["gene_sets"] = resolve_gene_sets(
+        _p["pathways"]["gene_sets"], _species
+    )
+    _p["pathways"]["extra_gene_sets"] = resolve_gene_sets(
+        _p["pathways"]["extra_gene_sets"], _species
+    )
+    (_p["pathways"]["aliases"],) = resolve_gene_sets(
+        [_p["pathways"]["aliases"]], _species
+    )
+    for _gmt in (
+        _p["stemness"]["gene_sets"]
+        + _p["pathways"]["gene_sets"]
+        + _p["pathways"]["extra_gene_sets"]
+    ):
         if not Path(_gmt).is_file():
-            _problems.append(f"dataset '{_ds}': {_gmt}: gene-set file not found. Fix: correct the GMT path in the config.")
+            _problems.append(
+                f"dataset '{_ds}': {_gmt}: gene-set file not found. Fix: correct the GMT path in the config."
+            )
     if not Path(_p["pathways"]["aliases"]).is_file():
-        _problems.append(f"dataset '{_ds}': {_p['pathways']['aliases']}: alias table not found. Fix: correct pathways.aliases in the config.")
+        _problems.append(
+            f"dataset '{_ds}': {_p['pathways']['aliases']}: alias table not found. Fix: correct pathways.aliases in the config."
+        )
 if _problems:
     sys.exit("\n".join(f"metastem: {p}" for p in _problems))
 

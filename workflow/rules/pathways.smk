@@ -45,7 +45,7 @@ rule pathways:
     benchmark:
         f"{OUTDIR}/benchmarks/{{dataset}}/pathways.tsv"
     conda:
-        "../../envs/analysis.yaml"
+        "../../envs/pathways.yaml"
     threads: 2
     resources:
         mem_mb=res("pathways", "mem_mb"),

@@ -20,18 +20,18 @@ rule qc:
             category="1. QC",
             labels={"dataset": "{dataset}", "figure": "QC metrics"},
         ),
-    params:
-        row=row,
-        params=params_of,
     log:
         f"{OUTDIR}/logs/{{dataset}}/qc.log",
     benchmark:
         f"{OUTDIR}/benchmarks/{{dataset}}/qc.tsv"
+    conda:
+        "../../envs/analysis.yaml"
     threads: 2
     resources:
         mem_mb=res("qc", "mem_mb"),
         runtime=res("qc", "runtime"),
-    conda:
-        "../../envs/analysis.yaml"
+    params:
+        row=row,
+        params=params_of,
     script:
         "../scripts/qc.py"

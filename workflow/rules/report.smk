@@ -7,7 +7,7 @@ REPORT_DIR = Path(str(workflow.current_basedir)).parent
 rule report:
     input:
         # every table, figure and info.json the stage rules declare, grouped by stage
-        unpack(lambda wc: metastem_report.stage_inputs(workflow, wc)),
+        unpack(lambda wc: metastem_report.stage_inputs(rules, wc)),
         provenance=lambda wc: metastem_report.provenance_files(params_of(wc)),
         schema=REPORT_DIR / "schemas/config.schema.yaml",
     output:

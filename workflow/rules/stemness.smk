@@ -50,18 +50,18 @@ rule stemness:
             category="3. Stemness",
             labels={"dataset": "{dataset}", "figure": "stemness per known label"},
         ),
-    params:
-        row=row,
-        params=params_of,
     log:
         f"{OUTDIR}/logs/{{dataset}}/stemness.log",
     benchmark:
         f"{OUTDIR}/benchmarks/{{dataset}}/stemness.tsv"
+    conda:
+        "../../envs/analysis.yaml"
     threads: 2
     resources:
         mem_mb=res("stemness", "mem_mb"),
         runtime=res("stemness", "runtime"),
-    conda:
-        "../../envs/analysis.yaml"
+    params:
+        row=row,
+        params=params_of,
     script:
         "../scripts/stemness.py"
