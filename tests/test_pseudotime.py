@@ -85,19 +85,14 @@ def test_demo_direction_and_known_time(demo_run):
     adata, info = demo_run
     t = adata.obs["true_pseudotime"].to_numpy()
     p = adata.obs["pseudotime"].to_numpy()
-    programme = adata.obs["true_programme"].to_numpy()
-    # The simulator plants migration programmes in 60% of stem-like cells; these form their own cluster, a
-    # diffusion island, and no single DPT root puts both stem states early (measured: 0.35 with the automatic
-    # root, 0.57 rooted in the truly earliest cell, 0.58 at best over all clusters). Without those cells the
-    # order is near-perfect (measured 0.962; 0.948 on simulator seeds 2 and 3). Floors sit below measurements.
-    assert spearmanr(p, t)[0] >= 0.30
-    assert spearmanr(p[~programme], t[~programme])[0] >= 0.90
+    # The simulator plants graded migration programmes in stem-like cells; they stay part of the stem
+    # compartment, so DPT from the automatic root recovers the known time (measured 0.97 with this
+    # test's stand-in stemness; 0.975 and 0.970 on simulator seeds 0 and 1 through the real stages).
+    assert spearmanr(p, t)[0] >= 0.93
     assert adata.obs["true_stem_like"].iloc[info["root"]["index"]]
     diag = pt.pseudotime_diagnostics(adata, info, truth_key="true_pseudotime").set_index("metric")
-    assert diag.loc["spearman_pseudotime_stemness", "value"] < 0
-    # ...and the diagnostics must say so: the programme cluster is flagged as stem-like but late.
-    flagged = diag.loc["n_cells_in_late_stem_like_clusters", "value"]
-    assert flagged >= 0.8 * programme.sum(), diag.loc["n_cells_in_late_stem_like_clusters", "note"]
+    assert diag.loc["spearman_pseudotime_stemness", "value"] < -0.5
+    assert diag.loc["n_unreachable", "value"] == 0
 
 
 def _branch_of_clusters(adata, purity: float = 0.8) -> pd.Series:

@@ -14,8 +14,11 @@ What it models, and why each part is there:
 - mitochondrial, ribosomal and haemoglobin genes, low-quality cells (few counts, high % mito) and
   doublets (sums of two cells), each flagged in obs.
 
-Counts are negative binomial (gamma-Poisson). Cells are generated in chunks so that 250k cells x 20k
-genes fits in memory as CSR.
+Counts are negative binomial (gamma-Poisson, shape 2). They are drawn sparsely: every gene module adds
+a per-cell term to the log-mean, so within a group of genes sharing modules the mean is rank one
+(cell factor x gene factor). Only the non-zero entries are then drawn, exactly (see ``_sample_counts``):
+the cost grows with the number of non-zeros, not cells x genes, and 250k cells x 20k genes takes about
+a minute. Cells are generated in chunks so that temporary arrays stay small.
 """
 from __future__ import annotations
 
@@ -72,9 +75,166 @@ def _gene_universe(n_genes: int, rng: np.random.Generator) -> list[str]:
     return required + picked
 
 
+_NB_SHAPE = 2.0  # NB dispersion: gamma-Poisson with shape 2 (the sampler below relies on shape 2)
+_BIN_RATIO = 1.2  # cells whose per-group factor differ by less than this share a candidate bound
+
+
+def _p_nonzero(mu: np.ndarray) -> np.ndarray:
+    """P(X > 0) for X ~ NB(shape 2, mean mu)."""
+    x = 1.0 + mu * (1.0 / _NB_SHAPE)
+    return 1.0 - 1.0 / (x * x)
+
+
+def _bernoulli_positions(rng: np.random.Generator, p: np.ndarray, n: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For each task i, the positions in [0, n[i]) of independent Bernoulli(p[i]) successes.
+
+    Geometric gaps between successes (inversion), drawn for all tasks at once: the cost is the number
+    of successes plus about one draw per task, not sum(n). Returns (task, position) arrays.
+    """
+    p = np.minimum(p, 1.0 - 1e-12)
+    log1mp = np.log1p(-p)
+    tasks_out, pos_out = [], []
+    active = np.flatnonzero((p > 0) & (n > 0))
+    start = np.zeros(p.size)
+    while active.size:
+        rem = n[active] - start[active]
+        lam = rem * p[active]
+        length = (lam + 3.0 * np.sqrt(lam)).astype(np.int64) + 1
+        task = np.repeat(np.arange(active.size), length)
+        gaps = np.floor(np.log1p(-rng.random(task.size)) / log1mp[active][task]) + 1.0
+        np.minimum(gaps, rem[task] + 1.0, out=gaps)  # a gap past the end means no more successes; keeps sums exact
+        ends = np.cumsum(length)
+        cs = np.cumsum(gaps)
+        cs -= np.repeat(cs[ends - 1] - np.add.reduceat(gaps, ends - length), length)  # restart per task
+        keep = cs <= rem[task]
+        tasks_out.append(active[task[keep]])
+        pos_out.append((start[active][task[keep]] + cs[keep] - 1).astype(np.int64))
+        last = cs[ends - 1]
+        more = last < rem
+        start[active[more]] += last[more]
+        active = active[more]
+    return np.concatenate(tasks_out), np.concatenate(pos_out)
+
+
+def _nb_positive(rng: np.random.Generator, mu: np.ndarray) -> np.ndarray:
+    """X ~ NB(shape 2, mean mu) conditioned on X > 0, exactly.
+
+    NB with shape 2 is the sum of two geometric variables G1 + G2 (failures, continuation q = mu/(2+mu)).
+    Given the sum is positive: both are positive with probability q/(2-q), else one is; and a positive
+    geometric is 1 + a geometric (memorylessness).
+    """
+    mu = mu.astype(np.float32)
+    q = mu / (np.float32(_NB_SHAPE) + mu)
+    logq = np.log(q)
+    out = np.log1p(-rng.random(mu.size, dtype=np.float32))
+    out /= logq
+    np.floor(out, out=out)
+    out += 1.0
+    both = np.flatnonzero(rng.random(mu.size, dtype=np.float32) * (2.0 - q) < q)
+    out[both] += np.floor(np.log1p(-rng.random(both.size, dtype=np.float32)) / logq[both]) + 1.0
+    return out
+
+
+def _sample_counts(rng: np.random.Generator, base: np.ndarray, modules: list, lib: np.ndarray,
+                   sl: slice) -> sp.csr_matrix:
+    """NB counts (CSR float32) for the cells in ``sl``, drawing only the non-zero entries.
+
+    log mu[c, g] = base[g] + sum of the effects of g's modules in cell c, rescaled so that mu sums to
+    the cell's library size: the same model as a dense gamma-Poisson draw. Genes sharing the same
+    modules form a group whose mean is A[c] * w[g]. Per group, cells are binned by A (within a ratio of
+    1.2); for each (bin, gene) candidates are Bernoulli(P(X>0) at the bin's largest A), thinned to the
+    cell's own P(X>0), and given a zero-truncated NB count.
+    """
+    n_g = base.size
+    nc = sl.stop - sl.start
+    member = np.zeros((n_g, len(modules)), dtype=np.int8)
+    for m, (gi, _) in enumerate(modules):
+        member[np.unique(gi), m] = 1
+    groups, gid = np.unique(member, axis=0, return_inverse=True)
+    gid = gid.ravel()
+    effects = np.stack([np.asarray(e, dtype=float)[sl] for _, e in modules], axis=1)  # cells x modules
+    log_a = effects @ groups.T.astype(float)  # cells x groups
+    w = np.exp(base.astype(np.float64))
+    w_group = np.bincount(gid, weights=w, minlength=len(groups))
+    # Normalise as the dense model did: mu = exp(logmu) * lib / rowsum(exp(logmu)).
+    shift = log_a.max(axis=1, keepdims=True)
+    log_scale = np.log(lib) - shift[:, 0] - np.log(np.exp(log_a - shift) @ w_group)
+    log_a += log_scale[:, None]
+
+    rows, cols, vals = [], [], []
+    for k in range(len(groups)):
+        genes = np.flatnonzero(gid == k)
+        la = log_a[:, k]
+        bin_of = np.floor((la - la.min()) / np.log(_BIN_RATIO)).astype(np.int64)
+        order = np.argsort(bin_of, kind="stable")
+        _, first, size = np.unique(bin_of[order], return_index=True, return_counts=True)
+        a_max = np.exp(np.maximum.reduceat(la[order], first))
+        # tasks: (bin, gene) pairs, bin-major
+        p_max = _p_nonzero(a_max[:, None] * w[genes][None, :]).ravel()
+        task, pos = _bernoulli_positions(rng, p_max, np.repeat(size, genes.size).astype(float))
+        b, j = np.divmod(task, genes.size)
+        cell = order[first[b] + pos]
+        gene = genes[j]
+        mu = np.exp(la[cell]) * w[gene]
+        accept = rng.random(cell.size) * p_max[task] < _p_nonzero(mu)
+        rows.append(cell[accept])
+        cols.append(gene[accept])
+        vals.append(_nb_positive(rng, mu[accept]))
+    rows, cols, vals = np.concatenate(rows), np.concatenate(cols), np.concatenate(vals)
+    # CSR with sorted column indices by two stable (radix, for 16-bit keys) sorts: by gene, then by cell.
+    key16 = lambda x, n: x.astype(np.uint16) if n <= 65536 else x  # noqa: E731
+    o = np.argsort(key16(cols, n_g), kind="stable")
+    rows, cols, vals = rows[o], cols[o], vals[o]
+    o = np.argsort(key16(rows, nc), kind="stable")
+    indptr = np.zeros(nc + 1, dtype=np.int64)
+    np.cumsum(np.bincount(rows, minlength=nc), out=indptr[1:])
+    X = sp.csr_matrix((vals[o], cols[o].astype(np.int32), indptr), shape=(nc, n_g))
+    X.has_sorted_indices = True
+    return X
+
+
+def _take_rows(chunks: list[sp.csr_matrix], block: int, rows: np.ndarray) -> sp.csr_matrix:
+    """Rows (global indices, in the given order) of the matrix the row-blocks `chunks` stack into."""
+    cid = rows // block
+    o = np.argsort(cid, kind="stable")
+    parts = [chunks[c][rows[o][cid[o] == c] - c * block] for c in np.unique(cid)]
+    stacked = sp.vstack(parts, format="csr")
+    back = np.empty_like(o)
+    back[o] = np.arange(o.size)
+    return stacked[back]
+
+
+def _assemble_rows(blocks: list[sp.csr_matrix], order: np.ndarray, n_cols: int) -> sp.csr_matrix:
+    """CSR whose row i is row ``order[i]`` of the stacked `blocks`, filled block by block into
+    preallocated arrays while each block is released: about one copy of X at peak, not three
+    (vstack, then the doublets' vstack, then the permutation). Column indices stay sorted."""
+    lengths = np.concatenate([np.diff(b.indptr) for b in blocks])
+    indptr = np.zeros(lengths.size + 1, dtype=np.int64)
+    np.cumsum(lengths[order], out=indptr[1:])
+    nnz = int(indptr[-1])
+    idx_dtype = np.int32 if nnz < np.iinfo(np.int32).max else np.int64
+    data = np.empty(nnz, dtype=np.float32)
+    indices = np.empty(nnz, dtype=idx_dtype)
+    dest = np.empty_like(order)
+    dest[order] = np.arange(order.size)
+    start = 0
+    for i in range(len(blocks)):
+        b = blocks[i]
+        rows = dest[start:start + b.shape[0]]
+        start += b.shape[0]
+        pos = np.repeat(indptr[rows] - b.indptr[:-1], np.diff(b.indptr)) + np.arange(b.nnz)
+        data[pos] = b.data
+        indices[pos] = b.indices
+        blocks[i] = None
+    blocks.clear()
+    X = sp.csr_matrix((data, indices, indptr.astype(idx_dtype)), shape=(order.size, n_cols), copy=False)
+    X.has_sorted_indices = True
+    return X
+
+
 def simulate_tumour(n_cells: int = 3000, n_genes: int = 4000, *, seed: int = 0,
                     frac_doublets: float = 0.05, frac_low_quality: float = 0.05,
-                    mean_library_size: float = 6000.0, frac_programme_cells: float = 0.6,
+                    mean_library_size: float = 6000.0, frac_programme_cells: float = 0.7,
                     chunk_size: int = 5000) -> ad.AnnData:
     """Simulate raw UMI counts of a tumour with a branching stem-cell hierarchy.
 
@@ -114,6 +274,10 @@ def simulate_tumour(n_cells: int = 3000, n_genes: int = 4000, *, seed: int = 0,
     branch = np.where(t < 0.3, "trunk", np.where(rng.random(n) < 0.5, "A", "B"))
     stem_like = t < 0.2
     programme = stem_like & (rng.random(n) < frac_programme_cells)
+    # Graded activity, strongest in the earliest cells: real programmes vary continuously, and an
+    # on/off switch would split the stem compartment into a separate island of the kNN graph.
+    activity = programme * rng.uniform(0.3, 1.0, size=n)
+    mito_shift = rng.normal(0.0, 0.2, size=n)  # cell-to-cell spread of the mitochondrial fraction
     low_q = rng.random(n) < frac_low_quality
     lib = rng.lognormal(np.log(mean_library_size), 0.35, size=n)
     lib = lib * (1.0 + 0.6 * (1.0 - t))          # stem-like cells are larger and richer in mRNA
@@ -121,32 +285,22 @@ def simulate_tumour(n_cells: int = 3000, n_genes: int = 4000, *, seed: int = 0,
     state = np.select([t < 0.2, t < 0.45], ["stem", "progenitor"],
                       default=np.where(branch == "A", "branch_A", "branch_B"))
 
-    chunks = []
-    for start in range(0, n, chunk_size):
-        sl = slice(start, min(n, start + chunk_size))
-        tt = t[sl][:, None]
-        logmu = np.broadcast_to(base, (tt.shape[0], n_g)).astype(np.float32).copy()
-        logmu[:, stem_i] += (3.0 * np.clip(1 - tt / 0.4, 0, 1))
-        logmu[:, breadth_i] += (-4.0 * np.clip((tt - 0.1) / 0.6, 0, 1)) + 1.0
-        cyc = np.exp(-((tt - 0.35) ** 2) / 0.01)
-        logmu[:, cyc_i] += 2.5 * cyc
-        ramp = np.clip((tt - 0.3) / 0.7, 0, 1)
-        br = branch[sl][:, None]
-        logmu[:, a_i] += 3.5 * ramp * (br == "A")
-        logmu[:, b_i] += 3.5 * ramp * (br == "B")
-        prog = programme[sl]
-        for gi in prog_i.values():
-            logmu[np.ix_(prog, gi)] += 2.5
-        lq = low_q[sl]
-        logmu[np.ix_(lq, mito_i)] += 2.5
-        mu = np.exp(logmu, dtype=np.float32)
-        mu *= (lib[sl] / mu.sum(axis=1))[:, None]
-        shape = 2.0  # NB dispersion: gamma-Poisson with shape 2
-        lam = rng.gamma(shape, mu / shape).astype(np.float32)
-        counts = rng.poisson(lam).astype(np.float32)
-        chunks.append(sp.csr_matrix(counts))
-    X = sp.vstack(chunks, format="csr")
-
+    # Additive log-mean effects per module (cells x modules) and module membership (genes x modules).
+    ramp = np.clip((t - 0.3) / 0.7, 0, 1)
+    modules = [
+        (stem_i, 3.0 * np.clip(1 - t / 0.4, 0, 1)),
+        (breadth_i, -4.0 * np.clip((t - 0.1) / 0.6, 0, 1) + 1.0),
+        (cyc_i, 2.5 * np.exp(-((t - 0.35) ** 2) / 0.01)),
+        (a_i, 3.5 * ramp * (branch == "A")),
+        (b_i, 3.5 * ramp * (branch == "B")),
+        *[(gi, 3.0 * activity) for gi in prog_i.values()],
+        (mito_i, 2.5 * low_q + mito_shift),
+    ]
+    # Blocks of at most 2000 cells: the per-block arrays stay below glibc's mmap threshold range, which
+    # avoids page-fault (system) time that otherwise exceeds the sampling itself.
+    block = max(1, min(chunk_size, 2000))
+    chunks = [_sample_counts(rng, base, modules, lib[sl], sl)
+              for sl in (slice(s0, min(n, s0 + block)) for s0 in range(0, n, block))]
     obs = pd.DataFrame({
         "true_pseudotime": t, "true_stem_like": stem_like, "true_branch": branch,
         "true_state": pd.Categorical(state), "true_doublet": False, "true_low_quality": low_q,
@@ -158,14 +312,15 @@ def simulate_tumour(n_cells: int = 3000, n_genes: int = 4000, *, seed: int = 0,
     if n_dbl:
         healthy = np.flatnonzero(~low_q)
         pa, pb = rng.choice(healthy, size=(2, n_dbl))
-        X = sp.vstack([X, X[pa] + X[pb]], format="csr")
+        chunks.append(_take_rows(chunks, block, pa) + _take_rows(chunks, block, pb))
         dbl = obs.iloc[pa].copy()
         dbl["true_doublet"] = True
         dbl.index = [f"doublet{i:05d}" for i in range(n_dbl)]
         obs = pd.concat([obs, dbl])
     obs["true_branch"] = pd.Categorical(obs["true_branch"])
-    order = rng.permutation(X.shape[0])  # doublets must not sit at the end of the matrix
-    adata = ad.AnnData(X=X[order].astype(np.float32), obs=obs.iloc[order],
+    order = rng.permutation(n + n_dbl)  # doublets must not sit at the end of the matrix
+    X = _assemble_rows(chunks, order, n_g)  # empties `chunks`: peak memory about one copy of X
+    adata = ad.AnnData(X=X, obs=obs.iloc[order],
                        var=pd.DataFrame(index=pd.Index(genes, name="gene_symbols")))
     adata.uns["simulation"] = {
         "seed": seed, "n_cells": n_cells, "n_genes": n_g,
