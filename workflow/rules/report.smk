@@ -24,6 +24,10 @@ rule report:
     localrule: True
     conda:
         "../../envs/report.yaml"
+    threads: 1
+    resources:
+        mem_mb=res("report", "mem_mb"),
+        runtime=res("report", "runtime"),
     params:
         row=row,
         params=params_of,
@@ -44,8 +48,14 @@ rule index:
         ),
     log:
         f"{OUTDIR}/logs/index.log",
+    benchmark:
+        f"{OUTDIR}/benchmarks/index.tsv"
     localrule: True
     conda:
         "../../envs/report.yaml"
+    threads: 1
+    resources:
+        mem_mb=500,
+        runtime=5,
     script:
         "../scripts/index.py"
