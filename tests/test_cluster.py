@@ -142,3 +142,13 @@ def test_embedding_is_deterministic(demo_raw, demo_clustered, defaults):
     np.testing.assert_array_equal(adata.obsm["X_pca"], demo_clustered.obsm["X_pca"])
     np.testing.assert_array_equal(adata.obsm["X_umap"], demo_clustered.obsm["X_umap"])
     assert (adata.obsp["connectivities"] != demo_clustered.obsp["connectivities"]).nnz == 0
+
+
+def test_subsampled_markers_agree_with_all_cells(demo_clustered):
+    """Markers on at most 150 cells per cluster recover the markers found on every cell."""
+    full = cluster.marker_genes(demo_clustered, 10)
+    sub = cluster.marker_genes(demo_clustered, 10, max_cells_per_cluster=150, seed=0)
+    assert set(sub["cluster"]) == set(full["cluster"])
+    for c, genes in full.groupby("cluster")["gene"]:
+        top_sub = set(sub.loc[sub["cluster"] == c, "gene"])
+        assert len(top_sub & set(genes)) >= 5, (c, sorted(top_sub), list(genes))

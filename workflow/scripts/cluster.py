@@ -20,7 +20,8 @@ def main(smk) -> None:
         notes = cluster.embed_and_cluster(adata, p["cluster"], seed=p["seed"])
     except MetastemError as err:
         raise err.with_context(file=smk.input.h5ad)
-    markers = cluster.marker_genes(adata, p["cluster"]["n_markers"])
+    markers = cluster.marker_genes(adata, p["cluster"]["n_markers"],
+                                   max_cells_per_cluster=p["cluster"]["markers_max_cells"], seed=p["seed"])
     sizes = adata.obs["leiden"].value_counts().rename_axis("cluster").reset_index(name="n_cells")
     sizes["fraction"] = sizes["n_cells"] / adata.n_obs
     labels = adata.obs[row["labels"]] if row["labels"] else None
