@@ -24,7 +24,7 @@ def check_clustered(adata: ad.AnnData, values: str) -> None:
     """The clustered-AnnData contract of docs/CONTRACTS.md (what this module can produce)."""
     assert sp.isspmatrix_csr(adata.X) or isinstance(adata.X, sp.csr_array)
     assert adata.X.dtype == np.float32
-    assert ("counts" in adata.layers) == (values == "counts")
+    assert "counts" not in adata.layers  # raw counts stay in qc.h5ad; final.h5ad gets them back
     assert isinstance(adata.obs["leiden"].dtype, pd.CategoricalDtype) and adata.obs["leiden"].nunique() >= 2
     assert isinstance(adata.obs["knn_component"].dtype, pd.CategoricalDtype)
     for key in ("X_pca", "X_umap"):

@@ -139,7 +139,7 @@ def check_cluster(ds: Path, dataset: str, labels: str | None) -> None:
         assert (ds / f).is_file(), f"missing {f}"
     a = ad.read_h5ad(ds / "cluster/clustered.h5ad")
     assert sp.issparse(a.X) and a.X.format == "csr" and a.X.dtype == np.float32
-    assert "counts" in a.layers
+    assert "counts" not in a.layers  # raw counts stay in qc.h5ad; final.h5ad gets them back (line ~186)
     for col in ("leiden", "n_genes_by_counts", "total_counts", "pct_counts_mt", "knn_component"):
         assert col in a.obs, f"obs lacks {col}"
     assert isinstance(a.obs["leiden"].dtype, pd.CategoricalDtype) and a.obs["leiden"].nunique() >= 2

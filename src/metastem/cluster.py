@@ -22,7 +22,8 @@ def normalize(adata: ad.AnnData, *, values: str, target_sum: float) -> str:
     import scanpy as sc
 
     if values == "counts":
-        adata.layers["counts"] = adata.X.copy()
+        # Raw counts stay in qc/qc.h5ad (same cells and genes): no copy here, none in clustered.h5ad, which
+        # three later rules read; the final rule puts them back as layers['counts'] (io.attach_counts).
         sc.pp.normalize_total(adata, target_sum=target_sum)
         sc.pp.log1p(adata)
         return f"counts normalised to {target_sum:g} per cell and log1p-transformed"

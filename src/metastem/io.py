@@ -312,6 +312,30 @@ def _clear_stale_temps(path: Path) -> None:
             pass
 
 
+def read_h5ad_without_X(path: str | os.PathLike) -> ad.AnnData:
+    """obs, var, obsm, obsp and uns of an h5ad, without X or layers: for stages that use only the graph."""
+    import h5py
+    from anndata.io import read_elem
+
+    with h5py.File(path, "r") as f:
+        parts = {k: read_elem(f[k]) for k in ("obs", "var", "obsm", "obsp", "uns") if k in f}
+    return ad.AnnData(**parts)
+
+
+def attach_counts(adata: ad.AnnData, qc_h5ad: str | os.PathLike) -> None:
+    """layers['counts'] from the QC stage's h5ad (raw counts of the same cells and genes)."""
+    import h5py
+    from anndata.io import read_elem
+
+    with h5py.File(qc_h5ad, "r") as f:
+        X = read_elem(f["X"])
+        obs_names = read_elem(f["obs"]).index
+    if not obs_names.equals(adata.obs_names) or X.shape != adata.shape:
+        pos = obs_names.get_indexer(adata.obs_names)
+        X = X[pos]
+    adata.layers["counts"] = X
+
+
 def write_h5ad_atomic(adata: ad.AnnData, path: str | os.PathLike) -> None:
     """Write to a temporary name in the same folder, then rename: no half-written file ever has the real name."""
     path = Path(path)

@@ -206,8 +206,10 @@ def _take_rows(chunks: list[sp.csr_matrix], block: int, rows: np.ndarray) -> sp.
 
 def _assemble_rows(blocks: list[sp.csr_matrix], order: np.ndarray, n_cols: int) -> sp.csr_matrix:
     """CSR whose row i is row ``order[i]`` of the stacked `blocks`, filled block by block into
-    preallocated arrays while each block is released: about one copy of X at peak, not three
-    (vstack, then the doublets' vstack, then the permutation). Column indices stay sorted."""
+    preallocated arrays while each block is released, instead of vstack + vstack (doublets) + a
+    permuted copy. Column indices stay sorted. Peak memory is still about twice X: the rows of every
+    block scatter over the whole output, so (with transparent huge pages) the output is resident
+    from the first block on."""
     lengths = np.concatenate([np.diff(b.indptr) for b in blocks])
     indptr = np.zeros(lengths.size + 1, dtype=np.int64)
     np.cumsum(lengths[order], out=indptr[1:])

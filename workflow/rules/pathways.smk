@@ -4,6 +4,7 @@
 rule pathways:
     input:
         h5ad=f"{OUTDIR}/{{dataset}}/cluster/clustered.h5ad",
+        qc_h5ad=f"{OUTDIR}/{{dataset}}/qc/qc.h5ad",
         stemness=f"{OUTDIR}/{{dataset}}/stemness/cells.tsv.gz",
         pseudotime=f"{OUTDIR}/{{dataset}}/pseudotime/cells.tsv.gz",
         # curated and user GMT files: inputs, so editing one reruns the rule

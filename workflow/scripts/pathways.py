@@ -66,6 +66,8 @@ def main(smk) -> None:
                     "scores were also adjusted for log genes detected. GSEA prerank (gseapy, Wilcoxon z ranking, "
                     f"{params['gsea_permutations']} permutations) and ssGSEA of per-cluster pseudobulk, offline."),
     }, smk.output.info)
+    if row["values"] == "counts":
+        io.attach_counts(adata, smk.input.qc_h5ad)  # final.h5ad contract: layers['counts']
     io.write_h5ad_atomic(adata, smk.output.h5ad)
 
 

@@ -36,7 +36,7 @@ def main(smk) -> None:
 
     row, p = smk.params.row, smk.params.params
     params = p["pseudotime"]
-    adata = ad.read_h5ad(smk.input.h5ad)
+    adata = io.read_h5ad_without_X(smk.input.h5ad)  # DPT and PAGA use the graph, never X
     add_stemness(adata, smk.input.stemness)
     labels_key = row["labels"] or None
     info = pt.run_pseudotime(adata, params, stemness_key=STEMNESS_KEY, labels_key=labels_key, seed=p["seed"])
