@@ -28,6 +28,7 @@ import scipy.sparse as sp
 from scipy.stats import mannwhitneyu, spearmanr
 
 from metastem.errors import MetastemError
+from metastem.cluster import subsample_per_group
 from metastem.genesets import col_sums, gene_set_coverage, read_aliases, read_gmt, score_gene_sets
 
 log = logging.getLogger(__name__)
@@ -211,12 +212,7 @@ def wilcoxon_ranking(adata: ad.AnnData, csc_key: str = "csc_like", *, max_cells:
     if is_csc.all() or not is_csc.any():
         raise MetastemError(f"obs['{csc_key}'] has a single value, so there is nothing to rank against",
                             fix="check the stemness stage's CSC-like calls (stemness.csc_quantile)")
-    keep = np.arange(adata.n_obs)
-    if max_cells is not None:
-        rng = np.random.default_rng(seed)
-        keep = np.sort(np.concatenate([
-            idx if idx.size <= max_cells else rng.choice(idx, max_cells, replace=False)
-            for idx in (np.flatnonzero(is_csc), np.flatnonzero(~is_csc))]))
+    keep = subsample_per_group(is_csc, max_cells, seed)
     group = np.where(is_csc[keep], "csc", "rest")
     tmp = ad.AnnData(X=adata.X[keep], obs=pd.DataFrame({"group": pd.Categorical(group)}, index=adata.obs_names[keep]),
                      var=pd.DataFrame(index=adata.var_names))
