@@ -424,6 +424,3 @@ def safe_outdir(outdir: str) -> str:
                             fix="use a plain folder name")
     return outdir
 
-
-def expand_species(paths: list[str], species: str) -> list[str]:
-    return [re.sub(r"\{species\}", species, p) for p in paths]
