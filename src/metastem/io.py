@@ -351,6 +351,15 @@ def write_h5ad_atomic(adata: ad.AnnData, path: str | os.PathLike) -> None:
             os.remove(tmp)
 
 
+def write_text_atomic(text: str, path: str | os.PathLike) -> None:
+    """UTF-8 text under a temporary name, then renamed (JSON summaries, HTML pages)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
 def write_table_atomic(df: pd.DataFrame, path: str | os.PathLike, **kwargs) -> None:
     """TSV written under a temporary name, then renamed. A '.gz' target is really gzipped (the
     temporary name would otherwise hide the suffix from pandas) and carries no timestamp, so equal

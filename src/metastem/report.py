@@ -28,6 +28,8 @@ import pandas as pd
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 from markupsafe import Markup
 
+from metastem.io import write_text_atomic
+
 log = logging.getLogger(__name__)
 
 TEMPLATES = Path(__file__).parent / "templates"
@@ -463,16 +465,8 @@ def build_report(dataset: str, stage_files: Mapping[str, Sequence[str]], *, row:
 def write_report(out: str | Path, dataset: str, stage_files: Mapping[str, Sequence[str]], **kwargs: Any) -> int:
     """Write report.html; returns its size in bytes (logged, since the page must stay light)."""
     page = build_report(dataset, stage_files, **kwargs)
-    _write_atomic(out, page)
+    write_text_atomic(page, out)
     return Path(out).stat().st_size
-
-
-def _write_atomic(path: str | Path, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
 
 
 # ----------------------------------------------------------------------------- one-line summaries
@@ -525,4 +519,4 @@ def write_index(out: str | Path, report_paths: Sequence[str | Path]) -> None:
     out = Path(out)
     summaries = [dataset_summary(Path(r).parent) for r in report_paths]
     links = [Path(r).resolve().relative_to(out.parent.resolve()).as_posix() for r in report_paths]
-    _write_atomic(out, build_index(summaries, links))
+    write_text_atomic(build_index(summaries, links), out)

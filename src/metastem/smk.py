@@ -51,11 +51,9 @@ def run(smk: Any, main: Callable[[Any], None]) -> None:
 
 
 def write_json_atomic(obj: dict, path: str | os.PathLike) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=_jsonable))
-    os.replace(tmp, path)
+    from metastem.io import write_text_atomic
+
+    write_text_atomic(json.dumps(obj, indent=2, default=_jsonable), path)
 
 
 def _jsonable(o: Any) -> Any:
