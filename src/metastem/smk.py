@@ -19,7 +19,15 @@ from metastem.errors import MetastemError
 
 
 def _set_threads(n: int) -> None:
-    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
+    """Use the job's threads, no more: numpy and numba are loaded by now, so their pools are resized
+    in place. Changing NUMBA_NUM_THREADS after numba has launched its threads makes the next JIT
+    compilation fail (seen with --cores 1), so numba gets ``set_num_threads`` instead."""
+    import numba
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(limits=n)
+    numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):  # for child processes
         os.environ[var] = str(n)
 
 
