@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 from scipy.sparse.csgraph import connected_components
 
+from metastem._numba_cache import graph_only_nndescent
 from metastem.errors import MetastemError
 
 log = logging.getLogger(__name__)
@@ -63,7 +64,8 @@ def build_graph(adata: ad.AnnData, params: dict, seed: int = 0) -> list[str]:
     n_neighbors = min(params["n_neighbors"], adata.n_obs - 1)
     if n_neighbors < params["n_neighbors"]:
         notes.append(f"n_neighbors reduced to {n_neighbors} ({adata.n_obs} cells)")
-    sc.pp.neighbors(adata, n_neighbors=n_neighbors, n_pcs=n_pcs, random_state=seed)
+    with graph_only_nndescent():
+        sc.pp.neighbors(adata, n_neighbors=n_neighbors, n_pcs=n_pcs, random_state=seed)
     n_comp, labels = connected_components(adata.obsp["connectivities"], directed=False)
     # components numbered by size (largest = '0'), so the labels do not depend on cell order
     sizes = np.bincount(labels)
