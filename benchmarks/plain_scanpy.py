@@ -113,7 +113,7 @@ def main(argv=None) -> int:
     if timer.step("mad_filter"):
         return timer.save(args.out)
 
-    lean = dict(mean_center=False, n_neighbors=30) if args.scrublet == "lean" else {}
+    lean = dict(mean_center=False, n_neighbors=30, sim_doublet_ratio=1.0) if args.scrublet == "lean" else {}
     sc.pp.scrublet(adata, expected_doublet_rate=0.05, random_state=args.seed, verbose=False, **lean)
     adata = adata[~adata.obs["predicted_doublet"].to_numpy()].copy()
     if timer.step("scrublet"):

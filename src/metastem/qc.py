@@ -12,6 +12,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
+from metastem._numba_cache import graph_only_nndescent
 from metastem.errors import MetastemError
 
 log = logging.getLogger(__name__)
@@ -83,14 +84,15 @@ def qc_thresholds(obs: pd.DataFrame, qc: dict, values: str) -> dict[str, dict[st
 SCRUBLET_MAX_CELLS = 50_000
 
 
-def call_doublets(adata: ad.AnnData, expected_rate: float, seed: int) -> tuple[np.ndarray, np.ndarray, float]:
+def call_doublets(adata: ad.AnnData, expected_rate: float, seed: int, sim_ratio: float
+                  ) -> tuple[np.ndarray, np.ndarray, float]:
     """Scrublet doublet scores and calls on raw counts. Falls back to the expected-rate quantile
     when scrublet cannot find a threshold in a unimodal score histogram."""
     import scanpy as sc
 
-    # Linear in cells: scrublet's default mean-centring densifies (cells + 2x simulated) x HVGs in float64
-    # (5 GB at 10k cells, >24 GB at 50k), and its default 0.5*sqrt(cells) neighbours (x3 with the simulated
-    # doublets) make the kNN search superlinear. Sparse truncated SVD and 30 neighbours keep both O(nnz);
+    # Linear in cells: scrublet's default mean-centring densifies (cells + simulated) x HVGs in float64
+    # (5 GB at 10k cells, >24 GB at 50k), and its default 0.5*sqrt(cells) neighbours (x(1 + sim_ratio) with
+    # the simulated doublets) make the kNN search superlinear. Sparse truncated SVD and 30 neighbours keep both O(nnz);
     # random blocks of at most SCRUBLET_MAX_CELLS cells bound its memory (~10 GB at 100k cells in one go).
     n = adata.n_obs
     n_blocks = -(-n // SCRUBLET_MAX_CELLS)
@@ -102,9 +104,10 @@ def call_doublets(adata: ad.AnnData, expected_rate: float, seed: int) -> tuple[n
         tmp = ad.AnnData(X=adata.X[idx] if n_blocks > 1 else adata.X)
         # Exact neighbours are faster than pynndescent (and its JIT) until the simulated-doublet-augmented
         # data reach tens of thousands of cells; beyond that approximate search keeps the cost linear.
-        sc.pp.scrublet(tmp, expected_doublet_rate=expected_rate, random_state=seed, verbose=False,
-                       use_approx_neighbors=idx.size * 3 > 30000, mean_center=False,
-                       n_neighbors=min(30, max(5, idx.size // 10)))
+        with graph_only_nndescent():
+            sc.pp.scrublet(tmp, expected_doublet_rate=expected_rate, random_state=seed, verbose=False,
+                           use_approx_neighbors=idx.size * (1 + sim_ratio) > 30000, mean_center=False,
+                           n_neighbors=min(30, max(5, idx.size // 10)), sim_doublet_ratio=sim_ratio)
         scores[idx] = tmp.obs["doublet_score"].to_numpy()
         thresholds.append(tmp.uns.get("scrublet", {}).get("threshold"))
         del tmp
@@ -137,8 +140,8 @@ def run_qc(adata: ad.AnnData, qc: dict, *, values: str, species: str, seed: int 
            ) -> tuple[ad.AnnData, pd.DataFrame, dict]:
     """Flag and remove low-quality cells and doublets; remove rarely detected genes.
 
-    Returns the filtered AnnData, a per-cell table of metrics and reasons (all cells, for plots), and
-    an info dict (thresholds, counts per reason, notes) for the report. Raises ``MetastemError`` naming
+    Filters ``adata`` in place (like ``sc.pp.filter_cells``) and returns it, a per-cell table of metrics
+    and reasons (all cells, for plots), and an info dict (thresholds, counts per reason, notes) for the report. Raises ``MetastemError`` naming
     ``qc.min_cells`` when too few cells are left (or were there to begin with), and when the gene
     filter leaves no gene.
     """
@@ -180,7 +183,8 @@ def run_qc(adata: ad.AnnData, qc: dict, *, values: str, species: str, seed: int 
     if qc["doublets"] and values == "counts":
         if adata.n_obs >= 100:
             try:
-                scores, calls, doublet_threshold = call_doublets(adata, qc["doublet_rate"], seed)
+                scores, calls, doublet_threshold = call_doublets(adata, qc["doublet_rate"], seed,
+                                                                     qc["doublet_sim_ratio"])
             except (ValueError, np.linalg.LinAlgError) as exc:  # degenerate data (e.g. too few genes)
                 notes.append(f"doublet detection skipped: scrublet failed on these data ({type(exc).__name__}: {exc})")
             else:
@@ -202,25 +206,43 @@ def run_qc(adata: ad.AnnData, qc: dict, *, values: str, species: str, seed: int 
                             f"(removed: {removed})",
                             fix="check the input, or relax qc.nmads_* / qc.max_pct_mito / fixed thresholds, or lower "
                                 "qc.min_cells, for this dataset in the sheet's params column")
-    filtered = adata[keep].copy()
-    filtered.X.eliminate_zeros()  # in place; then cells per gene without a boolean copy of X
-    gene_cells = np.bincount(filtered.X.indices, minlength=filtered.n_vars)
-    gene_keep = gene_cells >= qc["min_cells_per_gene"]
+    cells_in, genes_in = adata.n_obs, adata.n_vars
+    gene_keep = genes_detected_in(adata.X, keep) >= qc["min_cells_per_gene"]
     if not gene_keep.any():
         raise MetastemError(f"no gene is detected in qc.min_cells_per_gene={qc['min_cells_per_gene']} of the "
-                            f"{filtered.n_obs} cells kept",
+                            f"{n_kept} cells kept",
                             fix="lower qc.min_cells_per_gene for this dataset, or check the input")
-    filtered = filtered[:, gene_keep].copy()
+    # In place: X is the largest object of the job, and a filtered copy beside it would double the peak.
+    adata._inplace_subset_obs(keep)
+    adata._inplace_subset_var(gene_keep)
     info = {
-        "cells_in": int(adata.n_obs), "genes_in": int(adata.n_vars),
-        "cells_out": int(filtered.n_obs), "genes_out": int(filtered.n_vars),
+        "cells_in": int(cells_in), "genes_in": int(genes_in),
+        "cells_out": int(adata.n_obs), "genes_out": int(adata.n_vars),
         "removed": {r: int(reasons[r].sum()) for r in REASONS},
         "removed_total": int((~keep).sum()), "thresholds": th, "doublet_threshold": doublet_threshold,
         "notes": notes,
     }
     for note in notes:
         log.info(note)
-    return filtered, metrics, info
+    return adata, metrics, info
+
+
+def genes_detected_in(X, rows: np.ndarray, block: int = 10_000) -> np.ndarray:
+    """Cells in which each gene is non-zero among the ``rows`` (boolean mask), without copying X:
+    CSR is read ``block`` rows at a time so that temporaries stay small."""
+    import scipy.sparse as sp
+
+    if sp.issparse(X) and X.format == "csr":
+        counts = np.zeros(X.shape[1], dtype=np.int64)
+        indptr = X.indptr
+        for start in range(0, X.shape[0], block):
+            stop = min(start + block, X.shape[0])
+            lo, hi = indptr[start], indptr[stop]
+            entry_rows = np.repeat(rows[start:stop], np.diff(indptr[start:stop + 1]))
+            nonzero = X.data[lo:hi] != 0
+            counts += np.bincount(X.indices[lo:hi][nonzero & entry_rows], minlength=X.shape[1])
+        return counts
+    return np.asarray((X[rows] != 0).sum(axis=0)).ravel()
 
 
 def qc_summary_table(info: dict) -> pd.DataFrame:
