@@ -35,10 +35,6 @@ _STATIONARY_EVAL = 0.9994
 # Edges below this PAGA connectivity are left out of the report's graph figure (the JSON keeps them all):
 # weaker links are mostly kNN noise between unrelated clusters and clutter the picture.
 PAGA_EDGE_THRESHOLD = 0.05
-# The PAGA-initialised UMAP costs about as much as the clustering's UMAP (measured on 2 cores: +21 s at 10k
-# cells, +66 s at 100k; benchmarks/bench_pseudotime.py), affordable up to the pipeline's 250k-cell design size.
-# Beyond that the PAGA graph and the clustering's UMAP carry the topology alone.
-PAGA_UMAP_MAX_CELLS = 300_000
 
 
 def parse_root(spec: str) -> tuple[str, str]:

@@ -42,12 +42,13 @@ def main(smk) -> None:
     info = pt.run_pseudotime(adata, params, stemness_key=STEMNESS_KEY, labels_key=labels_key, seed=p["seed"])
     truth = "true_pseudotime" if "true_pseudotime" in adata.obs.columns else None
     diagnostics = pt.pseudotime_diagnostics(adata, info, stemness_key=STEMNESS_KEY, truth_key=truth)
-    umap = adata.n_obs <= pt.PAGA_UMAP_MAX_CELLS
+    umap = adata.n_obs <= params["paga_umap_max_cells"]
     paga = pt.run_paga(adata, stemness_key=STEMNESS_KEY, umap=umap, min_dist=p["cluster"]["umap_min_dist"],
                        seed=p["seed"])
     if not umap:
-        info["notes"].append(f"PAGA-initialised UMAP skipped above {pt.PAGA_UMAP_MAX_CELLS} cells "
-                             f"({adata.n_obs} here): the clustering's UMAP and the PAGA graph are shown instead")
+        info["notes"].append(f"PAGA-initialised UMAP skipped above pseudotime.paga_umap_max_cells="
+                             f"{params['paga_umap_max_cells']} cells ({adata.n_obs} here): the clustering's UMAP "
+                             "and the PAGA graph are shown instead")
 
     plots.plot_pseudotime_embedding(adata, smk.output.umap, root=info["root"]["index"], seed=p["seed"])
     plots.plot_paga_graph(paga, smk.output.paga_figure, root_cluster=info["root"]["cluster"])
