@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import anndata as ad
 import numpy as np
@@ -33,7 +34,7 @@ from scipy.optimize import nnls
 from scipy.stats import rankdata, spearmanr
 
 from metastem.errors import MetastemError
-from metastem.genesets import gene_set_coverage, read_gmt, score_gene_sets
+from metastem.genesets import gene_set_coverage, read_gmt, score_gene_sets, score_genes_matrix
 
 log = logging.getLogger(__name__)
 
@@ -69,9 +70,24 @@ CELL_CYCLE_GENES: dict[str, dict[str, list[str]]] = {
 MIN_CELL_CYCLE_GENES = 10   # fewer S or G2M genes found and phase calls are noise
 MIN_SET_GENES = 3           # smaller overlaps are not scored (2-gene scores are noise)
 DENSE_MAX_CELLS = 5000      # the dense reference holds n x n float64 matrices
+BLOCK_ROWS = 10_000         # cells per block when a transform or statistic of X is computed in pieces
 
 
 # ----------------------------------------------------------------------------- building blocks
+
+def row_blocks(n: int, block: int = BLOCK_ROWS):
+    """Slices of ``block`` rows: per-block temporaries keep peak memory near one copy of X."""
+    return (slice(start, min(start + block, n)) for start in range(0, n, block))
+
+
+def row_block(X: sp.spmatrix | np.ndarray, rows: slice) -> sp.spmatrix | np.ndarray:
+    """Rows of X without copying: a CSR view on X's own arrays (scipy's row slice copies them)."""
+    if sp.issparse(X) and X.format == "csr":
+        lo, hi = X.indptr[rows.start], X.indptr[rows.stop]
+        return sp.csr_matrix((X.data[lo:hi], X.indices[lo:hi], X.indptr[rows.start:rows.stop + 1] - lo),
+                             shape=(rows.stop - rows.start, X.shape[1]), copy=False)
+    return X[rows]
+
 
 def gene_counts(adata: ad.AnnData, layer: str | None = None) -> np.ndarray:
     """Genes detected (> 0) per cell.
@@ -80,7 +96,15 @@ def gene_counts(adata: ad.AnnData, layer: str | None = None) -> np.ndarray:
     counts, normalised or log values: the score does not depend on the declared input scale.
     """
     X = adata.layers[layer] if layer else adata.X
-    return np.asarray((X > 0).sum(axis=1)).ravel().astype(np.int64)
+    out = np.empty(X.shape[0], dtype=np.int64)
+    for rows in row_blocks(X.shape[0]):
+        B = row_block(X, rows)
+        if sp.issparse(B) and B.format == "csr":
+            seen = np.concatenate([[0], np.cumsum(B.data > 0)])
+            out[rows] = seen[B.indptr[1:]] - seen[B.indptr[:-1]]
+        else:
+            out[rows] = np.asarray((B > 0).sum(axis=1)).ravel()
+    return out
 
 
 def census_log(X: sp.spmatrix | np.ndarray, n_detected: np.ndarray) -> sp.csr_matrix | np.ndarray:
@@ -104,34 +128,56 @@ def census_log(X: sp.spmatrix | np.ndarray, n_detected: np.ndarray) -> sp.csr_ma
     return np.log2(1.0 + E * scale[:, None])
 
 
-def pearson_with(X: sp.spmatrix | np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Pearson correlation of every column of X with y, without densifying X (NaN for constant genes)."""
-    n = X.shape[0]
+def pearson_with(X: sp.spmatrix | np.ndarray, y: np.ndarray, *,
+                 transform: Callable[[Any, slice], Any] | None = None) -> np.ndarray:
+    """Pearson correlation of every column of X (or of ``transform(X[rows], rows)``) with y (NaN for
+    constant genes).
+
+    Moments are accumulated in float64 over blocks of rows, so X is never densified, copied whole
+    or transformed whole.
+    """
+    n, g = X.shape
     yc = np.asarray(y, dtype=np.float64) - np.mean(y)
-    mean = np.asarray(X.mean(axis=0)).ravel()
-    cov = np.asarray(X.T @ yc).ravel() / n
-    if sp.issparse(X):
-        Xc = sp.csr_matrix(X)
-        ex2 = np.bincount(Xc.indices, weights=np.asarray(Xc.data, dtype=np.float64) ** 2, minlength=X.shape[1]) / n
-    else:
-        ex2 = np.mean(np.asarray(X, dtype=np.float64) ** 2, axis=0)
-    var = np.maximum(ex2 - mean ** 2, 0.0)
+    s1, s2, sxy = np.zeros(g), np.zeros(g), np.zeros(g)
+    for rows in row_blocks(n):
+        B = row_block(X, rows) if transform is None else transform(row_block(X, rows), rows)
+        if sp.issparse(B):
+            B = sp.csr_matrix(B)
+            d = B.data.astype(np.float64)
+            s1 += np.bincount(B.indices, weights=d, minlength=g)
+            s2 += np.bincount(B.indices, weights=d * d, minlength=g)
+        else:
+            B = np.asarray(B, dtype=np.float64)
+            s1 += B.sum(axis=0)
+            s2 += (B * B).sum(axis=0)
+        sxy += np.asarray(B.T @ yc[rows]).ravel()
+    mean = s1 / n
+    var = np.maximum(s2 / n - mean ** 2, 0.0)
     denom = np.sqrt(var * np.mean(yc ** 2))
     with np.errstate(invalid="ignore", divide="ignore"):
-        r = cov / denom
+        r = (sxy / n) / denom
     r[denom <= 1e-12] = np.nan
     return r
 
 
-def gene_count_signature(L: sp.spmatrix | np.ndarray, n_detected: np.ndarray, n_genes: int
+def gene_count_signature(X: sp.spmatrix | np.ndarray, n_detected: np.ndarray, n_genes: int
                          ) -> tuple[np.ndarray, np.ndarray]:
-    """GCS: mean log expression of the genes most correlated with genes detected; returns (GCS, gene indices).
+    """GCS: mean census-normalised log expression (``census_log`` of the log values X) of the genes most
+    correlated with genes detected; returns (GCS, gene indices).
 
-    The mean of log values is the log of the geometric mean, as in the published description.
+    The mean of log values is the log of the geometric mean, as in the published description. The
+    census matrix is built one block of cells at a time (twice: for the correlations, then for the
+    chosen genes) rather than held whole beside X.
     """
-    r = pearson_with(L, n_detected)
-    top = np.argsort(-np.nan_to_num(r, nan=-np.inf), kind="stable")[:min(n_genes, L.shape[1])]
-    return np.asarray(L[:, top].mean(axis=1)).ravel(), top
+    def census(B, rows: slice):
+        return census_log(B, n_detected[rows])
+
+    r = pearson_with(X, n_detected, transform=census)
+    top = np.argsort(-np.nan_to_num(r, nan=-np.inf), kind="stable")[:min(n_genes, X.shape[1])]
+    gcs = np.empty(X.shape[0])
+    for rows in row_blocks(X.shape[0]):
+        gcs[rows] = np.asarray(census(row_block(X, rows), rows)[:, top].mean(axis=1)).ravel()
+    return gcs, top
 
 
 def markov_matrix(W: sp.spmatrix) -> sp.csr_matrix:
@@ -222,8 +268,7 @@ def score_cytotrace(adata: ad.AnnData, *, n_signature_genes: int = 200, alpha: f
         raise MetastemError(f"no kNN graph in obsp['{graph_key}'] to diffuse the gene-count signature over",
                             fix="run the cluster stage (sc.pp.neighbors) before stemness")
     n_detected = gene_counts(adata)
-    L = census_log(adata.X, n_detected)
-    gcs, top = gene_count_signature(L, n_detected, n_signature_genes)
+    gcs, top = gene_count_signature(adata.X, n_detected, n_signature_genes)
     D = markov_matrix(adata.obsp[graph_key])
     regressed = nnls_regress(D, gcs)
     smoothed, n_iter = diffuse(D, regressed, alpha)
@@ -271,7 +316,7 @@ def cytotrace_dense(adata: ad.AnnData, *, n_signature_genes: int = 200, n_variab
     n_detected = gene_counts(adata)
     X = adata.X.toarray() if sp.issparse(adata.X) else np.asarray(adata.X)
     L = census_log(X, n_detected)
-    gcs, _ = gene_count_signature(L, n_detected, n_signature_genes)
+    gcs, _ = gene_count_signature(X, n_detected, n_signature_genes)
     D = pearson_similarity_markov(L[:, dispersed_genes(L, n_variable_genes)])
     smoothed, _ = diffuse(D, nnls_regress(D, gcs), alpha)
     score = rank_rescale(smoothed)
@@ -323,8 +368,6 @@ def score_cell_cycle(adata: ad.AnnData, species: str, *, seed: int = 0) -> str |
     fewer than ``MIN_CELL_CYCLE_GENES`` genes of either list the columns are NaN / 'unknown' and a
     note is returned.
     """
-    import scanpy as sc
-
     lists = CELL_CYCLE_GENES.get(species, CELL_CYCLE_GENES["human"])
     present = set(map(str, adata.var_names))
     s_genes = [g for g in lists["S"] if g in present]
@@ -335,8 +378,16 @@ def score_cell_cycle(adata: ad.AnnData, species: str, *, seed: int = 0) -> str |
         adata.obs["phase"] = pd.Categorical(["unknown"] * adata.n_obs)
         return (f"cell-cycle phase not scored: only {len(s_genes)} S and {len(g2m_genes)} G2/M genes of the "
                 f"Tirosh 2016 lists are in the data (need {MIN_CELL_CYCLE_GENES} of each)")
-    sc.tl.score_genes_cell_cycle(adata, s_genes=s_genes, g2m_genes=g2m_genes, random_state=seed, use_raw=False)
-    adata.obs["phase"] = pd.Categorical(adata.obs["phase"])
+    # scanpy's score_genes_cell_cycle, with its scores from score_genes_matrix (same values, one pass over X
+    # instead of two copies of X per list): ctrl_size = the shorter list; phase S unless G2M scores higher,
+    # G1 when both scores are negative.
+    scores = score_genes_matrix(adata.X, adata.var_names, {"S_score": s_genes, "G2M_score": g2m_genes},
+                                ctrl_size=min(len(s_genes), len(g2m_genes)), seed=seed)
+    s_score, g2m_score = scores["S_score"].to_numpy(), scores["G2M_score"].to_numpy()
+    phase = np.where(g2m_score > s_score, "G2M", "S")
+    phase[(s_score < 0) & (g2m_score < 0)] = "G1"
+    adata.obs["S_score"], adata.obs["G2M_score"] = s_score, g2m_score
+    adata.obs["phase"] = pd.Categorical(phase)
     return None
 
 
