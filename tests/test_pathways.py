@@ -252,3 +252,27 @@ def test_ginhoux_uses_mouse_symbols(shared_datasets, defaults, repo, monkeypatch
     assert found and all(g[0].isupper() and not g.isupper() for g in found if g.isalpha())
     assert cov["source"].str.endswith("metastasis_mouse.gmt").all()
     assert len(pw.scored_sets(adata)) == int((cov["flag"] != "absent").sum())
+
+
+@pytest.mark.parametrize("fmt", ["csr", "dense"])
+def test_wilcoxon_z_equals_scanpy_with_ties_negatives_and_constant_genes(fmt):
+    """The sparse rank-sum z equals scanpy's tie-corrected wilcoxon; constant genes are NaN (scanpy sets its 0/0 to 0)."""
+    import scanpy as sc
+
+    rng = np.random.default_rng(3)
+    dense = rng.poisson(0.7, size=(300, 40)).astype(np.float32)   # many ties, including the zero block
+    dense[:, 5] *= -1                                              # negatives rank below zeros
+    dense[:, 6] = 0                                                # constant genes: NaN
+    dense[:, 7] = 2.5
+    dense[::3, 8] = rng.normal(size=100).astype(np.float32)        # mixed signs
+    group = rng.random(300) < 0.3
+    X = sp.csr_matrix(dense) if fmt == "csr" else dense
+    z = pw.wilcoxon_z(X, group, genes_per_block=16)                # blocks that split the genes unevenly
+    tmp = ad.AnnData(X=dense, obs=pd.DataFrame({"g": pd.Categorical(np.where(group, "a", "b"))},
+                                               index=[str(i) for i in range(300)]))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        sc.tl.rank_genes_groups(tmp, "g", groups=["a"], reference="b", method="wilcoxon", tie_correct=True)
+    ref = sc.get.rank_genes_groups_df(tmp, group="a").set_index("names")["scores"]
+    ref = ref.reindex(tmp.var_names).to_numpy(dtype=float)
+    assert np.flatnonzero(np.isnan(z)).tolist() == [6, 7] and (ref[[6, 7]] == 0).all()
+    np.testing.assert_allclose(np.nan_to_num(z), ref, rtol=1e-5, atol=1e-5)
