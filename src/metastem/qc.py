@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 
 from metastem._numba_cache import graph_only_nndescent
+from metastem.blocks import BLOCK_ROWS, row_block, row_blocks
 from metastem.errors import MetastemError
 
 log = logging.getLogger(__name__)
@@ -227,22 +228,20 @@ def run_qc(adata: ad.AnnData, qc: dict, *, values: str, species: str, seed: int 
     return adata, metrics, info
 
 
-def genes_detected_in(X, rows: np.ndarray, block: int = 10_000) -> np.ndarray:
-    """Cells in which each gene is non-zero among the ``rows`` (boolean mask), without copying X:
-    CSR is read ``block`` rows at a time so that temporaries stay small."""
+def genes_detected_in(X, rows: np.ndarray, block: int = BLOCK_ROWS) -> np.ndarray:
+    """Cells in which each gene is non-zero among the ``rows`` (boolean mask), without copying X."""
     import scipy.sparse as sp
 
-    if sp.issparse(X) and X.format == "csr":
-        counts = np.zeros(X.shape[1], dtype=np.int64)
-        indptr = X.indptr
-        for start in range(0, X.shape[0], block):
-            stop = min(start + block, X.shape[0])
-            lo, hi = indptr[start], indptr[stop]
-            entry_rows = np.repeat(rows[start:stop], np.diff(indptr[start:stop + 1]))
-            nonzero = X.data[lo:hi] != 0
-            counts += np.bincount(X.indices[lo:hi][nonzero & entry_rows], minlength=X.shape[1])
-        return counts
-    return np.asarray((X[rows] != 0).sum(axis=0)).ravel()
+    counts = np.zeros(X.shape[1], dtype=np.int64)
+    for part in row_blocks(X.shape[0], block):
+        B = row_block(X, part)
+        if sp.issparse(B):
+            B = sp.csr_matrix(B)
+            kept_entry = np.repeat(rows[part], np.diff(B.indptr)) & (B.data != 0)
+            counts += np.bincount(B.indices[kept_entry], minlength=X.shape[1])
+        else:
+            counts += (np.asarray(B)[rows[part]] != 0).sum(axis=0)
+    return counts
 
 
 def qc_summary_table(info: dict) -> pd.DataFrame:

@@ -33,6 +33,7 @@ import scipy.sparse as sp
 from scipy.optimize import nnls
 from scipy.stats import rankdata, spearmanr
 
+from metastem.blocks import row_block, row_blocks
 from metastem.errors import MetastemError
 from metastem.genesets import gene_set_coverage, read_gmt, score_gene_sets, score_genes_matrix
 
@@ -70,24 +71,9 @@ CELL_CYCLE_GENES: dict[str, dict[str, list[str]]] = {
 MIN_CELL_CYCLE_GENES = 10   # fewer S or G2M genes found and phase calls are noise
 MIN_SET_GENES = 3           # smaller overlaps are not scored (2-gene scores are noise)
 DENSE_MAX_CELLS = 5000      # the dense reference holds n x n float64 matrices
-BLOCK_ROWS = 10_000         # cells per block when a transform or statistic of X is computed in pieces
 
 
 # ----------------------------------------------------------------------------- building blocks
-
-def row_blocks(n: int, block: int = BLOCK_ROWS):
-    """Slices of ``block`` rows: per-block temporaries keep peak memory near one copy of X."""
-    return (slice(start, min(start + block, n)) for start in range(0, n, block))
-
-
-def row_block(X: sp.spmatrix | np.ndarray, rows: slice) -> sp.spmatrix | np.ndarray:
-    """Rows of X without copying: a CSR view on X's own arrays (scipy's row slice copies them)."""
-    if sp.issparse(X) and X.format == "csr":
-        lo, hi = X.indptr[rows.start], X.indptr[rows.stop]
-        return sp.csr_matrix((X.data[lo:hi], X.indices[lo:hi], X.indptr[rows.start:rows.stop + 1] - lo),
-                             shape=(rows.stop - rows.start, X.shape[1]), copy=False)
-    return X[rows]
-
 
 def gene_counts(adata: ad.AnnData, layer: str | None = None) -> np.ndarray:
     """Genes detected (> 0) per cell.
@@ -129,35 +115,46 @@ def census_log(X: sp.spmatrix | np.ndarray, n_detected: np.ndarray) -> sp.csr_ma
 
 
 def pearson_with(X: sp.spmatrix | np.ndarray, y: np.ndarray, *,
-                 transform: Callable[[Any, slice], Any] | None = None) -> np.ndarray:
+                 transform: Callable[[Any, slice], Any] | None = None,
+                 groups: np.ndarray | None = None, n_groups: int = 1) -> np.ndarray:
     """Pearson correlation of every column of X (or of ``transform(X[rows], rows)``) with y (NaN for
-    constant genes).
+    constant genes); with ``groups`` (integer codes 0..n_groups-1 per row), within each group at once:
+    an (n_groups x genes) array.
 
-    Moments are accumulated in float64 over blocks of rows, so X is never densified, copied whole
-    or transformed whole.
+    Moments are accumulated in float64 over blocks of rows, so X is never densified, copied whole,
+    transformed whole, or subset per group.
     """
     n, g = X.shape
-    yc = np.asarray(y, dtype=np.float64) - np.mean(y)
-    s1, s2, sxy = np.zeros(g), np.zeros(g), np.zeros(g)
+    codes = np.zeros(n, dtype=np.int64) if groups is None else np.asarray(groups, dtype=np.int64)
+    y = np.asarray(y, dtype=np.float64)
+    size = np.bincount(codes, minlength=n_groups).astype(np.float64)
+    mean_y = np.bincount(codes, weights=y, minlength=n_groups) / np.maximum(size, 1)
+    yc = y - mean_y[codes]
+    s1, s2, sxy = (np.zeros((n_groups, g)) for _ in range(3))
     for rows in row_blocks(n):
         B = row_block(X, rows) if transform is None else transform(row_block(X, rows), rows)
+        m = rows.stop - rows.start
+        member = sp.csr_matrix((np.ones(m), (codes[rows], np.arange(m))), shape=(n_groups, m))
+        weighted = sp.csr_matrix((yc[rows], (codes[rows], np.arange(m))), shape=(n_groups, m))
         if sp.issparse(B):
-            B = sp.csr_matrix(B)
-            d = B.data.astype(np.float64)
-            s1 += np.bincount(B.indices, weights=d, minlength=g)
-            s2 += np.bincount(B.indices, weights=d * d, minlength=g)
+            B = sp.csr_matrix(B, dtype=np.float64)
+            squared = B.copy()
+            squared.data **= 2
         else:
             B = np.asarray(B, dtype=np.float64)
-            s1 += B.sum(axis=0)
-            s2 += (B * B).sum(axis=0)
-        sxy += np.asarray(B.T @ yc[rows]).ravel()
-    mean = s1 / n
-    var = np.maximum(s2 / n - mean ** 2, 0.0)
-    denom = np.sqrt(var * np.mean(yc ** 2))
+            squared = B * B
+        for acc, left, right in ((s1, member, B), (s2, member, squared), (sxy, weighted, B)):
+            prod = left @ right
+            acc += prod.toarray() if sp.issparse(prod) else np.asarray(prod)
     with np.errstate(invalid="ignore", divide="ignore"):
-        r = (sxy / n) / denom
-    r[denom <= 1e-12] = np.nan
-    return r
+        k = size[:, None]
+        mean = s1 / k
+        var = np.maximum(s2 / k - mean ** 2, 0.0)
+        var_y = np.bincount(codes, weights=yc ** 2, minlength=n_groups)[:, None] / k
+        denom = np.sqrt(var * var_y)
+        r = (sxy / k) / denom
+    r[~(denom > 1e-12)] = np.nan
+    return r[0] if groups is None else r
 
 
 def gene_count_signature(X: sp.spmatrix | np.ndarray, n_detected: np.ndarray, n_genes: int
@@ -500,12 +497,15 @@ def stemness_cluster_table(adata: ad.AnnData, *, cluster_key: str = "leiden", n_
     clusters smaller than ``min_cells_for_genes`` get no genes (correlations would be noise).
     """
     obs = adata.obs
+    codes = obs[cluster_key].cat.codes.to_numpy()
+    r_all = pearson_with(adata.X, obs["stemness"].to_numpy(), groups=codes,
+                         n_groups=len(obs[cluster_key].cat.categories))
     rows = []
     for cluster, idx in obs.groupby(cluster_key, observed=True).indices.items():
         sub = obs.iloc[idx]
         top = ""
         if len(idx) >= min_cells_for_genes and np.ptp(sub["stemness"].to_numpy()) > 0:
-            r = pearson_with(adata.X[idx], sub["stemness"].to_numpy())
+            r = r_all[codes[idx[0]]]
             order = np.argsort(-np.nan_to_num(r, nan=-np.inf))[:n_top_genes]
             top = ",".join(str(adata.var_names[i]) for i in order if np.isfinite(r[i]) and r[i] > 0)
         phase = sub["phase"].astype(str) if "phase" in sub else pd.Series(dtype=str)
