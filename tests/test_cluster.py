@@ -152,3 +152,43 @@ def test_subsampled_markers_agree_with_all_cells(demo_clustered):
     for c, genes in full.groupby("cluster")["gene"]:
         top_sub = set(sub.loc[sub["cluster"] == c, "gene"])
         assert len(top_sub & set(genes)) >= 5, (c, sorted(top_sub), list(genes))
+
+
+def _normalised(adata: ad.AnnData) -> ad.AnnData:
+    adata = adata.copy()
+    cluster.normalize(adata, values="counts", target_sum=1e4)
+    return adata
+
+
+@pytest.mark.parametrize("fmt", ["csr", "dense"])
+@pytest.mark.parametrize("n_top", [50, 500])
+def test_blockwise_hvg_selects_scanpys_genes(demo_raw, fmt, n_top, monkeypatch):
+    """Same genes, means and dispersions as sc.pp.highly_variable_genes(flavor='seurat'), across blocks."""
+    import scanpy as sc
+
+    import metastem.cluster as cl
+
+    monkeypatch.setattr(cl, "row_blocks", lambda n: (slice(s, min(s + 97, n)) for s in range(0, n, 97)))
+    ours = _normalised(demo_raw)
+    if fmt == "dense":
+        ours.X = ours.X.toarray()
+    ref = ours.copy()
+    cl.highly_variable_genes_seurat(ours, n_top)
+    sc.pp.highly_variable_genes(ref, n_top_genes=n_top, flavor="seurat")
+    assert ours.var["highly_variable"].sum() >= n_top
+    assert (ours.var["highly_variable"] == ref.var["highly_variable"]).all()
+    for col in ("means", "dispersions", "dispersions_norm"):
+        np.testing.assert_allclose(ours.var[col], ref.var[col], rtol=1e-5, atol=1e-6, equal_nan=True)
+
+
+def test_blockwise_hvg_on_real_counts(shared_datasets):
+    """Real data (Ginhoux DC progenitors): the 2000 genes scanpy selects."""
+    import scanpy as sc
+
+    adata = ad.read_h5ad(shared_datasets / "ginhoux_dc_progenitors.h5ad")
+    values = "counts" if np.allclose(adata.X.data[:1000], np.round(adata.X.data[:1000])) else "log"
+    cluster.normalize(adata, values=values, target_sum=1e4)
+    ref = adata.copy()
+    cluster.highly_variable_genes_seurat(adata, 2000)
+    sc.pp.highly_variable_genes(ref, n_top_genes=2000, flavor="seurat")
+    assert (adata.var["highly_variable"] == ref.var["highly_variable"]).all()
