@@ -354,3 +354,20 @@ def test_real_datasets_read(shared_datasets):
              values="counts", orientation="genes_x_cells")
     pan = read(shared_datasets / "pancreas_50obs_raw.h5ad", "h5ad", species="mouse")
     assert pan.shape == (50, 27998) and pan.var_names.is_unique
+
+
+@pytest.mark.parametrize("order", ["same", "shuffled"])
+def test_counts_layer_from_the_qc_file(tmp_path, order):
+    """layers['counts'] equals the QC file's counts per cell, copied in HDF5 or (other cell order) in memory."""
+    counts = tiny_counts()
+    io.write_h5ad_atomic(counts, tmp_path / "qc.h5ad")
+    final = counts.copy()
+    final.X = final.X.multiply(1 / final.X.sum(axis=1)).tocsr().astype(np.float32)  # any other values in X
+    if order == "shuffled":
+        final = final[np.random.default_rng(1).permutation(final.n_obs)].copy()
+    io.write_h5ad_atomic(final, tmp_path / "final.h5ad", counts_from=tmp_path / "qc.h5ad")
+    back = ad.read_h5ad(tmp_path / "final.h5ad")
+    expected = counts[back.obs_names].X.toarray()
+    np.testing.assert_array_equal(back.layers["counts"].toarray(), expected)
+    np.testing.assert_allclose(back.X.toarray(), final.X.toarray())
+    assert sorted(q.name for q in tmp_path.iterdir()) == ["final.h5ad", "qc.h5ad"]

@@ -323,7 +323,7 @@ def read_h5ad_without_X(path: str | os.PathLike) -> ad.AnnData:
 
 
 def attach_counts(adata: ad.AnnData, qc_h5ad: str | os.PathLike) -> None:
-    """layers['counts'] from the QC stage's h5ad (raw counts of the same cells and genes)."""
+    """layers['counts'] from the QC stage's h5ad (raw counts of the same cells and genes), in memory."""
     import h5py
     from anndata.io import read_elem
 
@@ -336,15 +336,38 @@ def attach_counts(adata: ad.AnnData, qc_h5ad: str | os.PathLike) -> None:
     adata.layers["counts"] = X
 
 
-def write_h5ad_atomic(adata: ad.AnnData, path: str | os.PathLike) -> None:
-    """Write to a temporary name in the same folder, then rename: no half-written file ever has the real name."""
+def _same_cells_and_genes(adata: ad.AnnData, h5ad: str | os.PathLike) -> bool:
+    import h5py
+    from anndata.io import read_elem
+
+    with h5py.File(h5ad, "r") as f:
+        return (read_elem(f["obs"]).index.equals(adata.obs_names)
+                and read_elem(f["var"]).index.equals(adata.var_names))
+
+
+def write_h5ad_atomic(adata: ad.AnnData, path: str | os.PathLike, *,
+                      counts_from: str | os.PathLike | None = None) -> None:
+    """Write to a temporary name in the same folder, then rename: no half-written file ever has the real name.
+
+    ``counts_from`` (the QC stage's h5ad: raw counts of the same cells and genes) becomes
+    ``layers['counts']``. When its cells and genes are in the same order, its X is copied inside HDF5,
+    so the counts never enter memory (in memory they were as large as X again at the final rule's peak).
+    """
+    import h5py
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     _clear_stale_temps(path)
+    copy_in_file = counts_from is not None and _same_cells_and_genes(adata, counts_from)
+    if counts_from is not None and not copy_in_file:
+        attach_counts(adata, counts_from)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         adata.write_h5ad(tmp)
+        if copy_in_file:
+            with h5py.File(counts_from, "r") as src, h5py.File(tmp, "r+") as dst:
+                src.copy(src["X"], dst["layers"], name="counts")
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -22,6 +22,8 @@ def add_cells_table(adata, path: str) -> None:
 
 
 def main(smk) -> None:
+    import json
+
     import anndata as ad
     import numpy as np
     import pandas as pd
@@ -66,9 +68,9 @@ def main(smk) -> None:
                     "scores were also adjusted for log genes detected. GSEA prerank (gseapy, Wilcoxon z ranking, "
                     f"{params['gsea_permutations']} permutations) and ssGSEA of per-cluster pseudobulk, offline."),
     }, smk.output.info)
-    if row["values"] == "counts":
-        io.attach_counts(adata, smk.input.qc_h5ad)  # final.h5ad contract: layers['counts']
-    io.write_h5ad_atomic(adata, smk.output.h5ad)
+    adata.uns["metastem"]["params_json"] = json.dumps(p)  # every section: this rule is given them all
+    # final.h5ad contract: layers['counts'] where the input had counts
+    io.write_h5ad_atomic(adata, smk.output.h5ad, counts_from=smk.input.qc_h5ad if row["values"] == "counts" else None)
 
 
 run(snakemake, main)  # noqa: F821
