@@ -12,6 +12,7 @@ import os
 import re
 
 import anndata as ad
+import numba
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
@@ -131,21 +132,22 @@ def col_sums(X: sp.spmatrix | np.ndarray) -> np.ndarray:
                 for i in range(0, X.shape[0], step)), np.zeros(X.shape[1]))
 
 
-def _nth_largest_nonzero(sub: sp.csr_matrix, n: int) -> np.ndarray:
-    """Per row, the n-th largest stored value (0 when the row stores fewer than n).
-
-    Works on the rows' stored values packed left into a dense (rows × max stored) array, which is
-    far smaller than rows × genes; ``np.sort`` is used rather than ``np.partition``, whose
-    introselect degrades badly on the many tied zeros of padded rows.
-    """
-    nnz = np.diff(sub.indptr)
-    width = int(nnz.max()) if nnz.size else 0
-    if width < n:
-        return np.zeros(sub.shape[0], dtype=sub.dtype)
-    packed = np.zeros((sub.shape[0], width), dtype=sub.dtype)
-    rows = np.repeat(np.arange(sub.shape[0]), nnz)
-    packed[rows, np.arange(sub.data.size) - sub.indptr[rows]] = sub.data
-    return np.sort(packed, axis=1)[:, width - n]
+@numba.njit(parallel=True, cache=True)
+def _aucell_rows(indptr, indices, data, n_top, set_ptr, set_idx, out):
+    """Per row: rank the stored positive values (descending, ties by gene index, as CSR holds them
+    sorted) and add ``n_top - rank`` to every set of each of the first ``n_top`` genes."""
+    for r in numba.prange(indptr.size - 1):
+        lo = indptr[r]
+        order = np.argsort(-data[lo:indptr[r + 1]], kind="mergesort")   # stable
+        rank = 0
+        for k in range(order.size):
+            j = lo + order[k]
+            if rank >= n_top or data[j] <= 0:
+                break
+            g = indices[j]
+            for m in range(set_ptr[g], set_ptr[g + 1]):
+                out[r, set_idx[m]] += n_top - rank
+            rank += 1
 
 
 def aucell_matrix(X: sp.spmatrix | np.ndarray, gene_sets: dict[str, np.ndarray], top_frac: float = 0.05
@@ -153,40 +155,25 @@ def aucell_matrix(X: sp.spmatrix | np.ndarray, gene_sets: dict[str, np.ndarray],
     """AUCell-style rank scores of many sets at once: (cells × sets) DataFrame, columns = set names.
 
     Each cell's genes are ranked once (by value, ties by gene index; zeros never enter the top) and
-    every set is read off that ranking, so the cost is one ranking per cell regardless of the number
-    of sets. Cells are processed in chunks: each cell's top-``n_top`` threshold is found first, and
-    only the entries at or above it are sorted. Rank-based, hence
+    every set is read off that ranking, so the cost is one sort of each cell's stored values
+    regardless of the number of sets (a compiled loop over cells, in parallel). Rank-based, hence
     insensitive to depth normalisation (Aibar et al. 2017).
     """
     Xc = sp.csr_matrix(X)
-    Xc.sort_indices()
+    if not Xc.has_sorted_indices:
+        Xc = Xc.copy()
+        Xc.sort_indices()
     n_cells, n_genes = Xc.shape
     n_top = max(1, int(round(top_frac * n_genes)))
     names = list(gene_sets)
-    member = np.zeros((n_genes, len(names)), dtype=np.float64)
+    member = np.zeros((n_genes, len(names)), dtype=bool)
     for j, name in enumerate(names):
-        member[np.asarray(gene_sets[name], dtype=int), j] = 1.0
-    max_auc = n_top * np.maximum(member.sum(axis=0), 1.0)
+        member[np.asarray(gene_sets[name], dtype=int), j] = True
+    sets_of_gene = sp.csr_matrix(member)
     out = np.zeros((n_cells, len(names)))
-    step = _chunk_rows(n_genes)
-    for start in range(0, n_cells, step):
-        sub = Xc[start:start + step]
-        c = sub.shape[0]
-        thr = _nth_largest_nonzero(sub, n_top)
-        rows = np.repeat(np.arange(c), np.diff(sub.indptr))
-        keep = (sub.data > 0) & (sub.data >= thr[rows])
-        r, g, v = rows[keep], sub.indices[keep], sub.data[keep].astype(np.float64)
-        # One stable sort on (row, descending value): CSR order breaks ties by gene index, and the
-        # key is exact in float64 (row * integer span + float32 offset), 2.5x faster than a 3-key lexsort.
-        top_v = float(v.max()) if v.size else 0.0
-        span = np.ceil(top_v - (float(v.min()) if v.size else 0.0)) + 1.0
-        order = np.argsort(r * span + (top_v - v), kind="stable")
-        r, g = r[order], g[order]
-        pos = np.arange(r.size) - np.searchsorted(r, np.arange(c))[r]
-        top = pos < n_top
-        W = sp.csr_matrix(((n_top - pos[top]).astype(np.float64), (r[top], g[top])), shape=(c, n_genes))
-        out[start:start + c] = np.asarray(W @ member) / max_auc
-    return pd.DataFrame(out, columns=names)
+    _aucell_rows(Xc.indptr, Xc.indices, Xc.data, n_top, sets_of_gene.indptr, sets_of_gene.indices, out)
+    max_auc = n_top * np.maximum(member.sum(axis=0), 1.0)
+    return pd.DataFrame(out / max_auc, columns=names)
 
 
 def aucell_score(X: sp.spmatrix | np.ndarray, gene_idx: np.ndarray, top_frac: float = 0.05) -> np.ndarray:
