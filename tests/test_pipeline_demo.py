@@ -220,6 +220,28 @@ def test_rerun_is_a_no_op():
     assert out.returncode == 0 and "Nothing to be done" in (out.stdout + out.stderr), out.stdout[-2000:]
 
 
+def planned_jobs(output: str) -> set[str]:
+    """Rule names in the 'Job stats' table of a dry run."""
+    stats = output.split("Job stats:", 1)[1].splitlines()
+    return {line.split()[0] for line in stats[3:] if len(line.split()) == 2 and line.split()[1].isdigit()} - {"total"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("section, change, reruns", [
+    ("pathways", {"fdr": 0.01}, {"pathways", "report", "index", "all"}),
+    ("stemness", {"csc_quantile": 0.8}, {"stemness", "pseudotime", "pathways", "report", "index", "all"}),
+])
+def test_a_parameter_change_reruns_only_the_rules_that_use_it(tmp_path, section, change, reruns):
+    wd = demo_run()
+    cfg = {"datasets": "config/datasets.tsv", **DEMO_CONFIG, section: change}
+    (tmp_path / "changed.yaml").write_text(yaml.safe_dump(cfg))
+    cmd = [SNAKEMAKE, "-s", SNAKEFILE, "-d", str(wd), "--configfile", str(tmp_path / "changed.yaml"), "-n",
+           "--cores", "1"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env(), cwd=wd)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert planned_jobs(out.stdout + out.stderr) == reruns
+
+
 @pytest.mark.slow
 def test_default_config_from_a_fresh_clone_parses(tmp_path):
     """`snakemake -n` in a copy of the repo's config: the shipped sheet and config validate."""

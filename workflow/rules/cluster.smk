@@ -32,6 +32,6 @@ rule cluster:
         runtime=res("cluster", "runtime"),
     params:
         row=row,
-        params=params_of,
+        params=params_for("cluster"),
     script:
         "../scripts/cluster.py"

@@ -106,6 +106,17 @@ def params_of(wildcards) -> dict:
     return PARAMS[wildcards.dataset]
 
 
+def params_for(*sections: str):
+    """Only the config sections a rule uses, plus the seed: Snakemake reruns a job whose params changed,
+    so a rule given every section would redo QC after an edit to a pathways setting."""
+
+    def fn(wildcards) -> dict:
+        p = PARAMS[wildcards.dataset]
+        return {key: p[key] for key in (*sections, "seed")}
+
+    return fn
+
+
 def input_path(wildcards) -> list[str]:
     """The raw input as a Snakemake input (none for simulated data)."""
     r = SHEET.loc[wildcards.dataset]

@@ -45,6 +45,6 @@ rule pseudotime:
         runtime=res("pseudotime", "runtime"),
     params:
         row=row,
-        params=params_of,
+        params=params_for("pseudotime", "cluster"),
     script:
         "../scripts/pseudotime.py"

@@ -32,6 +32,6 @@ rule qc:
         runtime=res("qc", "runtime"),
     params:
         row=row,
-        params=params_of,
+        params=params_for("simulate", "qc"),
     script:
         "../scripts/qc.py"

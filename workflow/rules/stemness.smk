@@ -62,6 +62,6 @@ rule stemness:
         runtime=res("stemness", "runtime"),
     params:
         row=row,
-        params=params_of,
+        params=params_for("stemness"),
     script:
         "../scripts/stemness.py"

@@ -7,6 +7,8 @@ from metastem.smk import run  # noqa: E402
 
 
 def main(smk) -> None:
+    import json
+
     import anndata as ad
 
     from metastem import cluster, io, plots
@@ -31,6 +33,8 @@ def main(smk) -> None:
     write_json_atomic({"normalisation": norm, "notes": notes, "n_clusters": int(adata.obs["leiden"].nunique()),
                        "n_hvg": int(adata.var["highly_variable"].sum()), "n_pcs": int(adata.obsm["X_pca"].shape[1]),
                        "knn_components": int(adata.obs["knn_component"].nunique())}, smk.output.info)
+    meta = adata.uns["metastem"]
+    meta["params_json"] = json.dumps({**json.loads(meta["params_json"]), **p})  # QC's sections and this rule's
     io.write_h5ad_atomic(adata, smk.output.h5ad)
 
 
