@@ -391,9 +391,10 @@ def parse_args(argv=None):
                     help="'cached': the script reuses compiled numba code from the same cache as the pipeline "
                          "(one line, metastem._numba_cache.enable()), so ratios measure the pipeline's structure; "
                          "'cold': as a user runs it, recompiling pynndescent/umap (~30 s) every time")
-    ap.add_argument("--plain-scrublet", choices=["default", "lean"], default="default",
-                    help="scrublet settings of the plain script: scanpy's defaults, or 'lean' (sparse SVD, 30 "
-                         "neighbours; scanpy's default densifies cells x HVGs and does not fit 24 GB at ~50k cells)")
+    ap.add_argument("--plain-scrublet", choices=["default", "lean"], default="lean",
+                    help="scrublet settings of the plain script: 'lean' = the pipeline's (sparse SVD, 30 neighbours, "
+                         "1 simulated doublet per cell), or scanpy's defaults (they densify cells x HVGs: ~100k cells "
+                         "at most in 24 GB)")
     ap.add_argument("--numba-cache", default=None,
                     help="NUMBA_CACHE_DIR for the runs (default: $NUMBA_CACHE_DIR or .cache/numba, as make sets it); "
                          "'fresh' = an empty folder per size, to measure cold JIT compilation")
