@@ -107,8 +107,8 @@ def params_of(wildcards) -> dict:
 
 
 def params_for(*sections: str):
-    """Only the config sections a rule uses, plus the seed: Snakemake reruns a job whose params changed,
-    so a rule given every section would redo QC after an edit to a pathways setting."""
+    """Only the config sections a job uses, plus the seed. Snakemake reruns a job whose params changed,
+    so a QC job given every section would rerun after an edit to a pathways setting."""
 
     def fn(wildcards) -> dict:
         p = PARAMS[wildcards.dataset]
