@@ -71,6 +71,22 @@ def test_genes_detected_in_counts_non_zeros_of_kept_rows(fmt):
     np.testing.assert_array_equal(got, (dense[rows] != 0).sum(axis=0))
 
 
+@pytest.mark.parametrize("owned", [True, False])
+def test_subset_csr_in_place_equals_scipy_subsetting(owned):
+    rng = np.random.default_rng(2)
+    dense = rng.poisson(0.4, size=(61, 17)).astype(np.float32)
+    dense[7] = 0                                           # an empty row
+    rows, cols = rng.random(61) < 0.7, rng.random(17) < 0.6
+    X = sp.csr_matrix(dense)
+    expected = X[rows][:, cols].toarray()
+    if not owned:                                          # arrays that are views of a larger buffer
+        X = sp.csr_matrix((np.concatenate([X.data, [9.0]]).astype(np.float32)[:-1], X.indices, X.indptr),
+                          shape=X.shape, copy=False)
+    got = qc.subset_csr_in_place(X, rows, cols, block=5)
+    assert got.shape == (rows.sum(), cols.sum()) and got.nnz == np.count_nonzero(expected)
+    np.testing.assert_array_equal(got.toarray(), expected)
+
+
 def test_zero_mad_does_not_remove_every_differing_cell(defaults):
     """Most cells without any mito read: MAD = 0 must not make 'any mito read' an outlier."""
     adata, _, _ = planted()

@@ -1,9 +1,10 @@
 """Memory and runtime requests per rule, from the dataset's size, growing with each retry.
 
-Peak RSS and wall time grow about linearly in non-zeros (benchmarks/run.py, slopes 0.7-1.0 from 100k to
-250k cells). The coefficients sit above the peaks measured there on the 2-core reference machine
-(105k cells, 174M non-zeros: qc 5.9 GB, cluster 4.1, stemness 5.4, pathways 3.9, pseudotime 0.7), so a
-first attempt rarely fails; a retry asks for 1.5x more.
+Every rule's peak RSS and wall time grow about linearly in the matrix's stored non-zeros
+(benchmarks/run.py; pseudotime and report in cells, which track them). The coefficients are fitted to
+the per-rule peaks and times measured on the 2-core, 24 GB reference machine at 10k, 100k and 1M cells
+(17M, 174M and 1.1G non-zeros; benchmarks/README.md) and raised by half, so a first attempt rarely
+fails; a retry asks for 1.5x more. The size is read from the input's headers, never by loading it.
 """
 from __future__ import annotations
 
@@ -11,21 +12,27 @@ import os
 
 # stage: (fixed MB, MB per million non-zeros, fixed minutes, minutes per million non-zeros)
 _COEFFS = {
-    "qc": (1500, 60.0, 5, 0.05),
-    "cluster": (1500, 70.0, 10, 0.10),
-    "stemness": (1200, 45.0, 5, 0.03),
-    "pseudotime": (1200, 25.0, 5, 0.03),
-    "pathways": (1500, 40.0, 10, 0.05),
-    "report": (800, 2.0, 5, 0.0),
+    "qc": (1200, 25.0, 5, 0.02),
+    "cluster": (1100, 16.0, 5, 0.015),
+    "stemness": (1000, 14.0, 5, 0.006),
+    "pseudotime": (500, 3.0, 5, 0.002),
+    "pathways": (1700, 14.0, 5, 0.006),
+    "report": (400, 1.0, 5, 0.0),
 }
-_DENSITY = 0.07  # typical fraction of non-zero entries in droplet data
+_DENSITY = 0.07  # fraction of non-zero entries assumed when only a file size is known (droplet data)
+_BYTES_PER_NONZERO = 6  # compressed text / HDF5, for the same guess
 
 
-def dataset_shape(row: dict, params: dict) -> tuple[int, int]:
-    """Cells x genes without loading the matrix: simulator params, HDF5 headers, or file size."""
+def dataset_size(row: dict, params: dict) -> tuple[int, int, int]:
+    """Cells, genes and stored non-zeros, without loading the matrix: simulator params, HDF5 headers, or a
+    guess from the file size."""
     fmt, path = row.get("format"), row.get("path", "")
     if fmt == "simulated":
-        return int(params["simulate"]["n_cells"] * (1 + params["simulate"]["frac_doublets"])), int(params["simulate"]["n_genes"])
+        sim = params["simulate"]
+        cells = int(sim["n_cells"] * (1 + sim["frac_doublets"]))
+        genes = int(sim["n_genes"])
+        # the simulator detects about 0.8 genes per unit of library size (1600 of 20k genes at 2000 UMIs)
+        return cells, genes, int(cells * min(genes, 0.8 * sim["mean_library_size"]))
     try:
         if fmt in ("h5ad", "10x_h5") and os.path.isfile(path):
             import h5py
@@ -33,26 +40,29 @@ def dataset_shape(row: dict, params: dict) -> tuple[int, int]:
             with h5py.File(path, "r") as f:
                 if fmt == "h5ad":
                     X = f["X"]
-                    shape = X.attrs.get("shape", getattr(X, "shape", None))
-                    return int(shape[0]), int(shape[1])
+                    if isinstance(X, h5py.Dataset):  # dense
+                        return int(X.shape[0]), int(X.shape[1]), int(X.shape[0]) * int(X.shape[1])
+                    cells, genes = (int(v) for v in X.attrs["shape"])
+                    return cells, genes, int(X["data"].shape[0])
                 grp = f["matrix"] if "matrix" in f else f[list(f.keys())[0]]
-                genes, cells = grp["shape"][()]
-                return int(cells), int(genes)
-    except (OSError, KeyError, TypeError, IndexError):
+                genes, cells = (int(v) for v in grp["shape"][()])
+                return cells, genes, int(grp["data"].shape[0])
+    except (OSError, KeyError, TypeError, IndexError, ValueError):
         pass
     size = 0
     if os.path.isdir(path):
         size = sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path))
     elif os.path.isfile(path):
         size = os.path.getsize(path)
-    nnz = max(size / 6, 1e5)  # ~6 bytes per non-zero in compressed text/HDF5
+    nnz = max(size / _BYTES_PER_NONZERO, 1e5)
     genes = 20000
-    return int(nnz / (_DENSITY * genes)) + 1, genes
+    return int(nnz / (_DENSITY * genes)) + 1, genes, int(nnz)
 
 
-def estimate_resources(stage: str, n_cells: int, n_genes: int, attempt: int = 1) -> dict[str, int]:
-    """mem_mb and runtime (minutes) for one job; each retry asks for 1.5x more."""
+def estimate_resources(stage: str, nnz: int, attempt: int = 1) -> dict[str, int]:
+    """mem_mb and runtime (minutes) for one job on a matrix with ``nnz`` stored values; each retry asks
+    for 1.5x more."""
     mb0, mb_per, min0, min_per = _COEFFS[stage]
-    mnnz = n_cells * min(n_genes, 20000) * _DENSITY / 1e6
+    mnnz = nnz / 1e6
     grow = 1.5 ** (attempt - 1)
     return {"mem_mb": int((mb0 + mb_per * mnnz) * grow), "runtime": int((min0 + min_per * mnnz) * grow) + 1}

@@ -13,7 +13,7 @@ sys.path.insert(0, str(METASTEM_SRC))
 
 from metastem.config import check_workflow, load_schema  # noqa: E402
 from metastem.errors import MetastemError  # noqa: E402
-from metastem.resources import estimate_resources, dataset_shape  # noqa: E402
+from metastem.resources import dataset_size, estimate_resources  # noqa: E402
 
 CONFIG_SCHEMA = load_schema(workflow.source_path("../schemas/config.schema.yaml"))
 SHEET_SCHEMA = load_schema(workflow.source_path("../schemas/datasets.schema.yaml"))
@@ -127,7 +127,7 @@ def res(stage: str, key: str):
     """A resource callable for `stage` that grows with the dataset's size and with each retry."""
 
     def fn(wildcards, attempt):
-        cells, genes = dataset_shape(row(wildcards), params_of(wildcards))
-        return estimate_resources(stage, cells, genes, attempt)[key]
+        _, _, nnz = dataset_size(row(wildcards), params_of(wildcards))
+        return estimate_resources(stage, nnz, attempt)[key]
 
     return fn

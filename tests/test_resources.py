@@ -1,0 +1,57 @@
+"""Resource requests: sizes read from headers without loading the matrix, and requests that cover the
+peaks measured by benchmarks/run.py on the 2-core, 24 GB reference machine."""
+from __future__ import annotations
+
+import anndata as ad
+import h5py
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+from metastem.resources import dataset_size, estimate_resources
+
+STAGES = ["qc", "cluster", "stemness", "pseudotime", "pathways", "report"]
+
+# (non-zeros, {stage: peak RSS MB}) from benchmarks/run.py (probe job_peak_rss_mb), commit 62df59f and later:
+# 10k and 105k cells x 20k genes (library 2000), 1.05M cells x 20k genes (library 1100).
+MEASURED = [
+    (17_346_391, {"qc": 1148, "cluster": 913, "stemness": 789, "pseudotime": 313, "pathways": 1307, "report": 211}),
+    (173_980_999, {"qc": 4527, "cluster": 2857, "stemness": 2478, "pseudotime": 675, "pathways": 2871,
+                   "report": 289}),
+]
+
+
+def test_h5ad_size_from_headers(tmp_path):
+    X = sp.random(40, 30, density=0.2, format="csr", random_state=0, dtype=np.float32)
+    ad.AnnData(X=X).write_h5ad(tmp_path / "sparse.h5ad")
+    ad.AnnData(X=X.toarray()).write_h5ad(tmp_path / "dense.h5ad")
+    assert dataset_size({"format": "h5ad", "path": str(tmp_path / "sparse.h5ad")}, {}) == (40, 30, X.nnz)
+    assert dataset_size({"format": "h5ad", "path": str(tmp_path / "dense.h5ad")}, {}) == (40, 30, 1200)
+
+
+def test_10x_h5_size_from_headers(tmp_path):
+    X = sp.random(25, 60, density=0.1, format="csc", random_state=1)  # genes x cells, as 10x stores it
+    with h5py.File(tmp_path / "m.h5", "w") as f:
+        g = f.create_group("matrix")
+        g["data"], g["indices"], g["indptr"], g["shape"] = X.data, X.indices, X.indptr, np.array(X.shape)
+    assert dataset_size({"format": "10x_h5", "path": str(tmp_path / "m.h5")}, {}) == (60, 25, X.nnz)
+
+
+def test_simulated_and_unreadable_sizes(tmp_path):
+    sim = {"simulate": {"n_cells": 1000, "n_genes": 20000, "frac_doublets": 0.05, "mean_library_size": 2000}}
+    cells, genes, nnz = dataset_size({"format": "simulated", "path": ""}, sim)
+    assert (cells, genes) == (1050, 20000) and nnz == 1050 * 1600
+    text = tmp_path / "m.tsv"
+    text.write_bytes(b"x" * 6_000_000)
+    cells, genes, nnz = dataset_size({"format": "tsv", "path": str(text)}, {})
+    assert nnz == 1_000_000 and cells > 0
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_requests_cover_measured_peaks_and_grow(stage):
+    for nnz, peaks in MEASURED:
+        assert estimate_resources(stage, nnz)["mem_mb"] >= 1.2 * peaks[stage], (stage, nnz)
+    small, large = estimate_resources(stage, 1e7), estimate_resources(stage, 1e9)
+    assert large["mem_mb"] > small["mem_mb"] and large["runtime"] >= small["runtime"]
+    first, retry = estimate_resources(stage, 1e8), estimate_resources(stage, 1e8, attempt=2)
+    assert abs(retry["mem_mb"] - 1.5 * first["mem_mb"]) <= 2 and retry["runtime"] >= first["runtime"]
