@@ -6,6 +6,7 @@ Any other exception is logged with its traceback in the log file, and summarised
 """
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -50,12 +51,25 @@ def run(smk: Any, main: Callable[[Any], None]) -> None:
         log.error("%s", err)
         print(f"metastem: {err}", file=sys.stderr)
         sys.exit(1)
-    except Exception as exc:  # unexpected: full traceback in the log, one line for the user
-        log.error("unexpected error\n%s", traceback.format_exc())
-        print(f"metastem: dataset '{dataset}': rule {smk.rule} failed unexpectedly ({type(exc).__name__}: {exc}). "
-              f"Fix: see the traceback in {log_path} and report it.", file=sys.stderr)
+    except OSError as exc:
+        if exc.errno != errno.ENOSPC:
+            _unexpected(exc, log, log_path, smk.rule, dataset)
+        log.error("disk full\n%s", traceback.format_exc())
+        print(f"metastem: dataset '{dataset}': rule {smk.rule}: no space left on the disk while writing its outputs "
+              f"(nothing partial was kept). Fix: free space on the disk that holds {log_path.parent} (df -h) and "
+              "rerun; finished rules are not redone.", file=sys.stderr)
         sys.exit(1)
+    except Exception as exc:  # unexpected: full traceback in the log, one line for the user
+        _unexpected(exc, log, log_path, smk.rule, dataset)
     log.info("done in %.1f s", time.time() - t0)
+
+
+def _unexpected(exc: BaseException, log: logging.Logger, log_path: Path, rule: str, dataset: str | None) -> None:
+    """Full traceback in the log, one line for the user, exit status 1."""
+    log.error("unexpected error\n%s", traceback.format_exc())
+    print(f"metastem: dataset '{dataset}': rule {rule} failed unexpectedly ({type(exc).__name__}: {exc}). "
+          f"Fix: see the traceback in {log_path} and report it.", file=sys.stderr)
+    sys.exit(1)
 
 
 def write_json_atomic(obj: dict, path: str | os.PathLike) -> None:
