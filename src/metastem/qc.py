@@ -266,8 +266,6 @@ def subset_csr_in_place(X: sp.spmatrix, rows: np.ndarray, cols: np.ndarray, bloc
 
 def genes_detected_in(X, rows: np.ndarray, block: int = BLOCK_ROWS) -> np.ndarray:
     """Cells in which each gene is non-zero among the ``rows`` (boolean mask), without copying X."""
-    import scipy.sparse as sp
-
     counts = np.zeros(X.shape[1], dtype=np.int64)
     for part in row_blocks(X.shape[0], block):
         B = row_block(X, part)

@@ -14,7 +14,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NoReturn
 
 from metastem.errors import MetastemError
 
@@ -64,7 +64,7 @@ def run(smk: Any, main: Callable[[Any], None]) -> None:
     log.info("done in %.1f s", time.time() - t0)
 
 
-def _unexpected(exc: BaseException, log: logging.Logger, log_path: Path, rule: str, dataset: str | None) -> None:
+def _unexpected(exc: BaseException, log: logging.Logger, log_path: Path, rule: str, dataset: str | None) -> NoReturn:
     """Full traceback in the log, one line for the user, exit status 1."""
     log.error("unexpected error\n%s", traceback.format_exc())
     print(f"metastem: dataset '{dataset}': rule {rule} failed unexpectedly ({type(exc).__name__}: {exc}). "

@@ -254,17 +254,19 @@ def rank_rescale(v: np.ndarray) -> np.ndarray:
 # ----------------------------------------------------------------------------- CytoTRACE-style scores
 
 def score_cytotrace(adata: ad.AnnData, *, n_signature_genes: int = 200, alpha: float = 0.9,
-                    graph_key: str = "connectivities", key_added: str = "cytotrace") -> np.ndarray:
+                    graph_key: str = "connectivities", key_added: str = "cytotrace",
+                    n_detected: np.ndarray | None = None) -> np.ndarray:
     """Scalable CytoTRACE-style score on the kNN graph; writes ``obs[key_added]`` (0-1, 1 = least differentiated).
 
     Steps: genes detected -> census-normalised log2 values -> GCS -> NNLS of the GCS on the kNN
     Markov matrix -> diffusion -> rank-rescale. Also stores the signature genes and diagnostics in
-    ``uns[key_added]``. Returns the score.
+    ``uns[key_added]``. Returns the score. ``n_detected``: ``gene_counts(adata)`` when the caller has it
+    already (each count is a pass over X).
     """
     if graph_key not in adata.obsp:
         raise MetastemError(f"no kNN graph in obsp['{graph_key}'] to diffuse the gene-count signature over",
                             fix="run the cluster stage (sc.pp.neighbors) before stemness")
-    n_detected = gene_counts(adata)
+    n_detected = gene_counts(adata) if n_detected is None else n_detected
     gcs, top = gene_count_signature(adata.X, n_detected, n_signature_genes)
     D = markov_matrix(adata.obsp[graph_key])
     regressed = nnls_regress(D, gcs)
@@ -388,7 +390,8 @@ def score_cell_cycle(adata: ad.AnnData, species: str, *, seed: int = 0) -> str |
     return None
 
 
-def is_low_complexity(adata: ad.AnnData, params: Mapping) -> tuple[bool, str]:
+def is_low_complexity(adata: ad.AnnData, params: Mapping, n_detected: np.ndarray | None = None
+                      ) -> tuple[bool, str]:
     """Whether genes detected can measure transcriptional breadth here; returns (low, reason).
 
     On a targeted panel, or when cells detect very few genes, the number detected reflects panel
@@ -397,7 +400,7 @@ def is_low_complexity(adata: ad.AnnData, params: Mapping) -> tuple[bool, str]:
     if adata.n_vars < params["min_genes_for_gene_counts"]:
         return True, (f"only {adata.n_vars} genes measured (fewer than stemness.min_genes_for_gene_counts = "
                       f"{params['min_genes_for_gene_counts']}; a targeted panel?)")
-    median = float(np.median(gene_counts(adata)))
+    median = float(np.median(gene_counts(adata) if n_detected is None else n_detected))
     if median < params["min_median_genes_per_cell"]:
         return True, (f"median {median:.0f} genes detected per cell (fewer than stemness.min_median_genes_per_cell = "
                       f"{params['min_median_genes_per_cell']})")
@@ -429,14 +432,14 @@ def score_stemness(adata: ad.AnnData, params: Mapping, *, species: str, seed: in
     n_detected = gene_counts(adata)
     adata.obs["stemness_gene_counts"] = n_detected
     score_cytotrace(adata, n_signature_genes=params["n_signature_genes"], alpha=params["diffusion_alpha"],
-                    key_added="stemness_cytotrace")
+                    key_added="stemness_cytotrace", n_detected=n_detected)
     coverage = score_stemness_sets(adata, gene_sets if gene_sets is not None else params["gene_sets"],
                                    species=species, seed=seed)
     cc_note = score_cell_cycle(adata, species, seed=seed)
     if cc_note:
         notes.append(cc_note)
     has_signature = "stemness_signature" in adata.obs
-    low, reason = is_low_complexity(adata, params)
+    low, reason = is_low_complexity(adata, params, n_detected)
     requested = params["method"]
     used = requested
     if low and requested != "gene_sets":
