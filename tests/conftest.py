@@ -6,6 +6,10 @@ from pathlib import Path
 
 import pytest
 
+import metastem
+
+metastem.enable_numba_cache()  # as every workflow job does: numba code compiled once per machine
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("METASTEM_SHARED", REPO.parent / "shared")) / "datasets"
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")

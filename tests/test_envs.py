@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+import metastem
+
 REPO = Path(__file__).resolve().parents[1]
 ENVS = sorted((REPO / "envs").glob("*.yaml"))
 RULE_FILES = [REPO / "Snakefile", *sorted((REPO / "workflow" / "rules").glob("*.smk"))]
@@ -105,6 +107,13 @@ def test_env_parses_and_uses_conda_forge_only(path):
 
 
 @pytest.mark.parametrize("path", ENVS, ids=lambda p: p.name)
+def test_env_installs_the_workflows_metastem(path):
+    """--sdm conda without a checkout: every env installs the metastem package of the workflow's version."""
+    specs = dict(_split(s) for s in _deps(yaml.safe_load(path.read_text())))
+    assert specs.get("metastem") == metastem.__version__, f"{path.name}: pip: metastem=={metastem.__version__}"
+
+
+@pytest.mark.parametrize("path", ENVS, ids=lambda p: p.name)
 def test_env_pins_agree_with_lock(path):
     lock = _lock()
     pyproject = (REPO / "pyproject.toml").read_text()
@@ -118,6 +127,11 @@ def test_env_pins_agree_with_lock(path):
         elif key == "python":
             if version != py:
                 problems.append(f"{spec}: pyproject.toml requires Python {py}")
+        elif key == "metastem":
+            if version != metastem.__version__:
+                problems.append(f"{spec}: the workflow is metastem {metastem.__version__}")
+        elif key == "pip":
+            continue  # the installer itself (pip freeze does not list it): pinned, not in the lock
         elif key not in lock:
             problems.append(f"{spec}: '{key}' is not in requirements.lock")
         elif version != lock[key]:

@@ -39,9 +39,6 @@ def make_workdir(path: Path, rows: list[dict], config: dict | None = None) -> Pa
     sheet.to_csv(path / "config" / "datasets.tsv", sep="\t", index=False)
     cfg = {"datasets": "config/datasets.tsv", **(config if config is not None else DEMO_CONFIG)}
     (path / "config" / "config.yaml").write_text(yaml.safe_dump(cfg))
-    # later stages read config/gene_sets/... relative to the work dir
-    if not (path / "config" / "gene_sets").exists():
-        os.symlink(REPO / "config" / "gene_sets", path / "config" / "gene_sets")
     return path
 
 

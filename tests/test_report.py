@@ -104,7 +104,6 @@ def run_demo_pipeline(base: Path) -> Path:
     import yaml
 
     (work / "config").mkdir(parents=True, exist_ok=True)
-    shutil.copytree(REPO / "config/gene_sets", work / "config/gene_sets", dirs_exist_ok=True)
     shutil.copy(REPO / "config/datasets.tsv", work / "config/datasets.tsv")
     (work / "config/config.yaml").write_text(yaml.safe_dump(SMALL_CONFIG))
     (work / "Snakefile").write_text(textwrap.dedent(f"""\
@@ -239,8 +238,8 @@ def test_missing_stages_get_a_sentence_not_an_empty_figure(qc_only, defaults, tm
 
     out = tmp_path / "report.html"
     report.write_report(out, "demo", qc_only, row={"format": "simulated", "species": "human", "labels": ""},
-                        params=defaults, captions_dir=REPO / "workflow/report",
-                        provenance=sorted(map(str, (REPO / "config/gene_sets").glob("*_provenance.tsv"))))
+                        params=defaults, captions=REPO / "workflow/report",
+                        provenance=sorted(map(str, (REPO / "src/metastem/data/gene_sets").glob("*_provenance.tsv"))))
     page = parse(out)
     assert page.sections == SECTIONS
     assert len(page.images) == 1 and all(len(src) > 100 for src in page.images)
@@ -256,7 +255,7 @@ def test_captions_come_from_the_snakemake_report_captions(qc_only, defaults, tmp
 
     out = tmp_path / "report.html"
     report.write_report(out, "demo", qc_only, row={"format": "simulated"}, params=defaults,
-                        captions_dir=REPO / "workflow/report")
+                        captions=REPO / "workflow/report")
     text = parse(out).plain
     first_words = " ".join((REPO / "workflow/report/qc_metrics.rst").read_text().split()[:6])
     assert first_words in text

@@ -10,6 +10,8 @@ from __future__ import annotations
 import logging
 import os
 import re
+from importlib import resources
+from pathlib import Path
 
 import anndata as ad
 import numba
@@ -21,7 +23,30 @@ from metastem.errors import MetastemError
 
 log = logging.getLogger(__name__)
 
+SHIPPED_PREFIX = "metastem:"  # config values naming a file shipped inside the package (data/gene_sets/)
 _GMT_FIX = "write one set per line: name<TAB>description<TAB>gene<TAB>gene... (tab-separated, at least one gene)"
+
+
+def shipped(name: str) -> Path:
+    """Path of a file shipped with metastem in ``data/gene_sets/`` (GMT files, provenance, alias and
+    ortholog tables), read through :mod:`importlib.resources` so it works from a wheel as from a checkout."""
+    path = Path(str(resources.files("metastem") / "data" / "gene_sets" / name))
+    if not path.is_file():
+        available = sorted(p.name for p in path.parent.iterdir() if not p.name.startswith(("_", ".")))
+        raise MetastemError(f"no shipped gene-set file '{name}'", file=f"{SHIPPED_PREFIX}{name}",
+                            fix=f"use one of {', '.join(available)}, or give the path of your own file")
+    return path
+
+
+def resolve_path(path: str | os.PathLike, species: str | None = None) -> str:
+    """A gene-set path from the config: ``{species}`` filled in, ``metastem:<name>`` resolved to the
+    shipped file; any other path is returned as given (relative to the working directory)."""
+    text = str(path)
+    if species is not None:
+        text = text.replace("{species}", species)
+    if text.startswith(SHIPPED_PREFIX):
+        return str(shipped(text[len(SHIPPED_PREFIX):]))
+    return text
 
 
 def read_gmt(path: str | os.PathLike) -> dict[str, list[str]]:
@@ -30,7 +55,7 @@ def read_gmt(path: str | os.PathLike) -> dict[str, list[str]]:
     Stricter than most readers on purpose: a space-separated line or a symbol with spaces inside
     would otherwise become one long "gene" that silently matches nothing.
     """
-    path = str(path)
+    path = resolve_path(path)
     if not os.path.isfile(path):
         raise MetastemError("gene-set file not found", file=path,
                             fix="correct the path in the config (relative to the working directory)")
@@ -68,6 +93,7 @@ def read_gmt(path: str | os.PathLike) -> dict[str, list[str]]:
 
 def read_aliases(path: str | os.PathLike, species: str) -> dict[str, str]:
     """``{alias: current symbol}`` for one species from a TSV with columns species, alias, symbol."""
+    path = resolve_path(path)
     try:
         tab = pd.read_csv(path, sep="\t", comment="#", dtype=str)
     except (OSError, pd.errors.ParserError) as exc:

@@ -95,10 +95,12 @@ def stage_inputs(rules: Any, wildcards: Any) -> dict[str, list[str]]:
     return out
 
 
-def provenance_files(params: Mapping[str, Any]) -> list[str]:
-    """The *_provenance.tsv files beside the GMT files a dataset scores (resolved paths in params)."""
+def provenance_files(params: Mapping[str, Any], species: str) -> list[str]:
+    """The *_provenance.tsv files beside the GMT files a dataset scores ('metastem:<file>' = shipped)."""
+    from metastem.genesets import resolve_path
+
     gmts = params["stemness"]["gene_sets"] + params["pathways"]["gene_sets"] + params["pathways"]["extra_gene_sets"]
-    folders = sorted({Path(g).parent for g in gmts})
+    folders = sorted({Path(resolve_path(g, species)).parent for g in gmts})
     return sorted(str(f) for d in folders for f in d.glob("*_provenance.tsv"))
 
 
@@ -117,9 +119,16 @@ def rst_to_html(text: str) -> Markup:
     return Markup(escaped)
 
 
-def read_caption(captions_dir: str | Path | None, stem: str) -> Markup:
-    """The caption Snakemake's report uses for this file, or nothing when there is none."""
-    path = Path(captions_dir) / f"{stem}.rst" if captions_dir else None
+def read_caption(captions: Mapping[str, str] | str | Path | None, stem: str) -> Markup:
+    """The caption Snakemake's report uses for this file, or nothing when there is none.
+
+    ``captions`` is ``{file stem: caption text}`` (what the workflow passes: it reads the captions through
+    ``workflow.source_path``, so they are found when the workflow is a module pulled by tag) or a folder
+    of ``<stem>.rst`` files.
+    """
+    if isinstance(captions, Mapping):
+        return rst_to_html(captions[stem]) if stem in captions else Markup("")
+    path = Path(captions) / f"{stem}.rst" if captions else None
     if path is None or not path.is_file():
         return Markup("")
     return rst_to_html(path.read_text())
@@ -438,10 +447,14 @@ def environment() -> Environment:
 
 
 def build_report(dataset: str, stage_files: Mapping[str, Sequence[str]], *, row: Mapping[str, Any],
-                 params: Mapping[str, Any], captions_dir: str | Path | None = None,
+                 params: Mapping[str, Any], captions: Mapping[str, str] | str | Path | None = None,
                  provenance: Sequence[str] = (), schema: Mapping[str, Any] | None = None,
                  now: dt.datetime | None = None) -> str:
-    """The HTML of one dataset's report from the files each stage declared (``stage_files[stage]``)."""
+    """The HTML of one dataset's report from the files each stage declared (``stage_files[stage]``).
+
+    ``captions``: ``{file stem: caption text}`` or a folder of ``<stem>.rst`` files (see read_caption).
+    """
+    captions_dir = captions
     stages = {k: load_stage(k, stage_files.get(k, []), captions_dir) for k in STAGES}
     extra = {"cluster": cluster_view(stage_files.get("cluster", []), captions_dir)}
     final = next((f for f in stage_files.get("pathways", []) if Path(f).name == "final.h5ad"), None)

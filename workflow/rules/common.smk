@@ -7,13 +7,36 @@ from snakemake.utils import min_version
 
 min_version("9.0")
 
-# The analysis package lives beside the workflow; importable without installation (modules, conda envs).
-METASTEM_SRC = Path(str(workflow.current_basedir)).parents[1] / "src"
-sys.path.insert(0, str(METASTEM_SRC))
 
-from metastem.config import check_workflow, load_schema  # noqa: E402
-from metastem.errors import MetastemError  # noqa: E402
-from metastem.resources import dataset_size, estimate_resources  # noqa: E402
+def _workflow_version() -> str:
+    """The version of this workflow: metastem.__version__ as written in the same source tree (or tag)."""
+    import re
+
+    with open(workflow.source_path("../../src/metastem/__init__.py")) as fh:
+        return re.search(r'^__version__ = "([^"]+)"', fh.read(), re.M).group(1)
+
+
+# The rules' Python is the installed metastem package; it must be the workflow's own version.
+try:
+    import metastem
+except ImportError:
+    metastem = None
+if metastem is None or metastem.__version__ != _workflow_version():
+    sys.exit(
+        f"metastem: this workflow is metastem {_workflow_version()} but "
+        + (
+            "the metastem package is not installed"
+            if metastem is None
+            else f"the installed metastem package is {metastem.__version__} ({Path(metastem.__file__).parent})"
+        )
+        + f". Fix: pip install 'metastem=={_workflow_version()}' into the environment that runs snakemake "
+        "(from a checkout of the same tag: pip install .), or run with --sdm conda."
+    )
+
+from metastem.config import check_workflow, load_schema
+from metastem.errors import MetastemError
+from metastem.genesets import resolve_path
+from metastem.resources import dataset_size, estimate_resources
 
 CONFIG_SCHEMA = load_schema(workflow.source_path("../schemas/config.schema.yaml"))
 SHEET_SCHEMA = load_schema(workflow.source_path("../schemas/datasets.schema.yaml"))
@@ -27,52 +50,32 @@ try:
 except MetastemError as err:  # the config itself is unusable
     sys.exit("\n".join(f"metastem: {line}" for line in str(err).splitlines()))
 DATASETS = list(SHEET.index)
-REPO_ROOT = METASTEM_SRC.parent
 
 
 def resolve_gene_sets(paths: list[str], species: str) -> list[str]:
-    """GMT paths with '{species}' filled in; relative paths are looked up in the working directory
-    first, then in the metastem repository, so the shipped sets resolve when used as a module.
-    """
-    out = []
-    for p in (p.replace("{species}", species) for p in paths):
-        if (
-            not Path(p).is_absolute()
-            and not Path(p).exists()
-            and (REPO_ROOT / p).exists()
-        ):
-            p = str(REPO_ROOT / p)
-        out.append(p)
-    return out
+    """GMT paths with '{species}' filled in and 'metastem:<file>' resolved to the file shipped inside
+    the installed package; other paths are relative to the working directory."""
+    try:
+        return [resolve_path(p, species) for p in paths]
+    except MetastemError as err:
+        sys.exit(f"metastem: {err}")
 
 
+# Gene-set files are checked here; params keep them as written ('metastem:<file>' resolves inside the
+# installed package), so that a moved checkout or environment does not change any rule's params.
 for _ds, _p in PARAMS.items():
     _species = SHEET.loc[_ds, "species"]
-    _p["stemness"]["gene_sets"] = resolve_gene_sets(
-        _p["stemness"]["gene_sets"], _species
-    )
-    _p["pathways"]["gene_sets"] = resolve_gene_sets(
-        _p["pathways"]["gene_sets"], _species
-    )
-    _p["pathways"]["extra_gene_sets"] = resolve_gene_sets(
-        _p["pathways"]["extra_gene_sets"], _species
-    )
-    (_p["pathways"]["aliases"],) = resolve_gene_sets(
-        [_p["pathways"]["aliases"]], _species
-    )
-    for _gmt in (
-        _p["stemness"]["gene_sets"]
-        + _p["pathways"]["gene_sets"]
-        + _p["pathways"]["extra_gene_sets"]
+    for _key, _paths in (
+        ("stemness.gene_sets", _p["stemness"]["gene_sets"]),
+        ("pathways.gene_sets", _p["pathways"]["gene_sets"]),
+        ("pathways.extra_gene_sets", _p["pathways"]["extra_gene_sets"]),
+        ("pathways.aliases", [_p["pathways"]["aliases"]]),
     ):
-        if not Path(_gmt).is_file():
-            _problems.append(
-                f"dataset '{_ds}': {_gmt}: gene-set file not found. Fix: correct the GMT path in the config."
-            )
-    if not Path(_p["pathways"]["aliases"]).is_file():
-        _problems.append(
-            f"dataset '{_ds}': {_p['pathways']['aliases']}: alias table not found. Fix: correct pathways.aliases in the config."
-        )
+        for _file in resolve_gene_sets(_paths, _species):
+            if not Path(_file).is_file():
+                _problems.append(
+                    f"dataset '{_ds}': {_file}: file not found. Fix: correct {_key} in the config."
+                )
 if _problems:
     sys.exit("\n".join(f"metastem: {p}" for p in _problems))
 
@@ -82,7 +85,8 @@ def gene_set_files(stage: str):
 
     def fn(wildcards) -> list[str]:
         p = PARAMS[wildcards.dataset][stage]
-        return p["gene_sets"] + p.get("extra_gene_sets", [])
+        species = SHEET.loc[wildcards.dataset, "species"]
+        return resolve_gene_sets(p["gene_sets"] + p.get("extra_gene_sets", []), species)
 
     return fn
 
@@ -118,9 +122,9 @@ def params_for(*sections: str):
 
 
 def input_path(wildcards) -> list[str]:
-    """The raw input as a Snakemake input (none for simulated data)."""
+    """The raw inputs as Snakemake inputs: one per sample row of the dataset (none for simulated data)."""
     r = SHEET.loc[wildcards.dataset]
-    return [] if r["format"] == "simulated" else [r["path"]]
+    return [s["path"] for s in r["samples"] if s["format"] != "simulated"]
 
 
 def res(stage: str, key: str):

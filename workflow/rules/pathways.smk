@@ -9,7 +9,7 @@ rule pathways:
         pseudotime=f"{OUTDIR}/{{dataset}}/pseudotime/cells.tsv.gz",
         # curated and user GMT files: inputs, so editing one reruns the rule
         gene_sets=gene_set_files("pathways"),
-        aliases=lambda wc: params_of(wc)["pathways"]["aliases"],
+        aliases=lambda wc: resolve_path(params_of(wc)["pathways"]["aliases"]),
     output:
         h5ad=f"{OUTDIR}/{{dataset}}/final.h5ad",
         info=f"{OUTDIR}/{{dataset}}/pathways/info.json",

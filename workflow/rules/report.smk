@@ -1,15 +1,37 @@
 # Reports: one self-contained report.html per dataset, and results/index.html linking them all.
-from metastem import report as metastem_report  # noqa: E402
+from metastem import report as metastem_report
 
-REPORT_DIR = Path(str(workflow.current_basedir)).parent
+
+def _caption_texts() -> dict[str, str]:
+    """{file stem: caption text} for every file a stage rule declares that has a caption in
+    workflow/report/. Read through workflow.source_path, so that it works when the workflow is a
+    module pulled by tag (no checkout on disk); passed as params, so a caption edit reruns the report."""
+    stems = {
+        Path(str(f)).name.split(".")[0]
+        for stage in metastem_report.STAGES
+        if rules.has(stage)
+        for f in getattr(rules, stage).rule.output
+    }
+    texts = {}
+    for stem in sorted(stems):
+        try:
+            with open(workflow.source_path(f"../report/{stem}.rst")) as fh:
+                texts[stem] = fh.read()
+        except Exception:  # no caption for this file
+            continue
+    return texts
+
+
+CAPTIONS = _caption_texts()
 
 
 rule report:
     input:
         # every table, figure and info.json the stage rules declare, grouped by stage
         unpack(lambda wc: metastem_report.stage_inputs(rules, wc)),
-        provenance=lambda wc: metastem_report.provenance_files(params_of(wc)),
-        schema=REPORT_DIR / "schemas/config.schema.yaml",
+        provenance=lambda wc: metastem_report.provenance_files(
+            params_of(wc), SHEET.loc[wc.dataset, "species"]
+        ),
     output:
         html=report(
             f"{OUTDIR}/{{dataset}}/report.html",
@@ -31,7 +53,9 @@ rule report:
     params:
         row=row,
         params=params_of,
-        captions=str(REPORT_DIR / "report"),
+        captions=CAPTIONS,
+        # parameter meanings and defaults for the methods table (the schema the config was checked with)
+        schema=CONFIG_SCHEMA,
     script:
         "../scripts/report.py"
 

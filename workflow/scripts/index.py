@@ -1,9 +1,5 @@
 """Snakemake wrapper: results/index.html, one line per dataset linking its report."""
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(snakemake.scriptdir).parents[1] / "src"))  # noqa: F821
-from metastem.smk import run  # noqa: E402
+from metastem.smk import run
 
 
 def main(smk) -> None:

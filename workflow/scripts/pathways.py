@@ -1,9 +1,5 @@
 """Snakemake wrapper: the final rule. Pathway scores, GSEA, summary table, figures and final.h5ad."""
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(snakemake.scriptdir).parents[1] / "src"))  # noqa: F821
-from metastem.smk import run  # noqa: E402
+from metastem.smk import run
 
 
 def add_cells_table(adata, path: str) -> None:

@@ -1,9 +1,5 @@
 """Snakemake wrapper: DPT rooted in stemness, PAGA, diagnostics table, figures and the per-cell table."""
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(snakemake.scriptdir).parents[1] / "src"))  # noqa: F821
-from metastem.smk import run  # noqa: E402
+from metastem.smk import run
 
 STEMNESS_KEY = "stemness"
 OBS_WRITTEN = ["pseudotime", "pseudotime_reachable"]

@@ -1,21 +1,18 @@
 """Snakemake wrapper: the self-contained report.html of one dataset, from its stages' files."""
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(snakemake.scriptdir).parents[1] / "src"))  # noqa: F821
-from metastem.smk import run  # noqa: E402
+from metastem.smk import run
 
 
 def main(smk) -> None:
     import logging
 
     from metastem import report
-    from metastem.config import load_schema
 
     stage_files = {stage: list(getattr(smk.input, stage)) for stage in report.STAGES if stage in smk.input.keys()}
     size = report.write_report(smk.output.html, smk.wildcards.dataset, stage_files, row=smk.params.row,
-                               params=smk.params.params, captions_dir=smk.params.captions,
-                               provenance=list(smk.input.provenance), schema=load_schema(smk.input.schema))
+                               params=smk.params.params, captions=smk.params.captions,
+                               provenance=list(smk.input.provenance), schema=smk.params.schema)
     logging.getLogger("metastem").info("wrote %s: %.2f MB", smk.output.html, size / 1e6)
     print(f"metastem: {smk.output.html}: {size / 1e6:.2f} MB", file=sys.stderr)
 
