@@ -22,7 +22,7 @@ $(STAMP): requirements.lock pyproject.toml
 
 run: $(STAMP)
 	$(BIN)/snakemake --cores $(CORES) --configfile config/config.yaml $(SNAKEMAKE_ARGS)
-	@echo "Report: results/demo/report.html"
+	@echo "Reports: the index page named by the 'metastem: open ...' line above (<outdir>/index.html)"
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
@@ -36,7 +36,7 @@ bench: $(STAMP)
 
 lock: $(STAMP)
 	{ echo "# Full pinned environment (pip freeze of a working .venv on Python 3.11). Regenerate: make lock"; \
-	  $(BIN)/python -m pip freeze --exclude-editable | sort -f; } > requirements.lock
+	  $(BIN)/python -m pip freeze --all --exclude-editable --exclude pip --exclude setuptools | sort -f; } > requirements.lock
 
 clean:
 	rm -rf results .snakemake
