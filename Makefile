@@ -9,7 +9,7 @@ CORES ?= $(shell nproc)
 export NUMBA_CACHE_DIR ?= $(CURDIR)/.cache/numba
 export MPLCONFIGDIR ?= $(CURDIR)/.cache/matplotlib
 
-.PHONY: run test env lint lock bench clean
+.PHONY: run test env lint lock bench clean docs
 
 env: $(STAMP)
 
@@ -30,6 +30,9 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/snakemake --lint --cores 1
 	$(BIN)/snakefmt --check Snakefile workflow/rules
+
+docs: $(STAMP)
+	$(BIN)/python -m metastem.schema_docs workflow/schemas > config/README.md
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run.py $(BENCH_ARGS)
