@@ -9,7 +9,7 @@ CORES ?= $(shell nproc)
 export NUMBA_CACHE_DIR ?= $(CURDIR)/.cache/numba
 export MPLCONFIGDIR ?= $(CURDIR)/.cache/matplotlib
 
-.PHONY: run test env lint lock bench clean docs
+.PHONY: run test test-fast env lint lock bench clean help docs
 
 env: $(STAMP)
 
@@ -26,6 +26,21 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The development loop: unit tests only, no Snakemake end-to-end runs, no SLURM, no browser (markers in
+# pyproject.toml). `make test` stays the whole suite (what CI runs).
+FAST_MARKERS := not slow and not slurm and not browser
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -m "$(FAST_MARKERS)" $(PYTEST_ARGS)
+
+help:
+	@echo "make run        the pipeline on config/config.yaml (CORES=$(CORES), SNAKEMAKE_ARGS=...)"
+	@echo "make test       the whole test suite (PYTEST_ARGS=...)"
+	@echo "make test-fast  unit tests only: no Snakemake end-to-end runs, no SLURM, no browser (-m \"$(FAST_MARKERS)\")"
+	@echo "make lint       snakemake --lint and snakefmt --check"
+	@echo "make bench      pipeline vs plain scanpy scaling benchmark (BENCH_ARGS=..., see benchmarks/README.md)"
+	@echo "make lock       regenerate requirements.lock from .venv"
+	@echo "make clean      remove results/ and .snakemake/"
 
 lint: $(STAMP)
 	$(BIN)/snakemake --lint --cores 1

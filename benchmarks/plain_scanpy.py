@@ -1,14 +1,22 @@
 """The analysis a user would write instead of the pipeline: one process, plain scanpy, timed per step.
 
-Reads an h5ad of raw counts and runs QC metrics + MAD filter + scrublet, normalisation, HVG, PCA,
-neighbors, UMAP, Leiden and DPT with the pipeline's default parameters, then writes the result.
-Each step's wall time, CPU time (user + system, this process) and the process's peak RSS so far are
-written as a TSV. Used by ``benchmarks/run.py``; can be run on its own:
+Reads an h5ad of raw counts and runs QC metrics + MAD filter (+ scrublet), normalisation, HVG, PCA,
+neighbors, UMAP, Leiden (+ Wilcoxon markers) and DPT, then writes the result. Each step's wall time,
+CPU time (user + system, this process) and the process's peak RSS so far are written as a TSV. Used
+by ``benchmarks/run.py`` in three variants (``VARIANTS``), can be run on its own:
 
-    .venv/bin/python benchmarks/plain_scanpy.py data.h5ad --out steps.tsv --threads 2
+    .venv/bin/python benchmarks/plain_scanpy.py data.h5ad --out steps.tsv --threads 2 --variant core
 
-Steps up to ``leiden`` are the ones the pipeline's qc + cluster rules share with this script
-(``SHARED_STEPS``); ``dpt`` and ``write`` complete the whole run.
+- ``core``: the core steps only (no doublets, no markers), scanpy's defaults (``--params scanpy``);
+- ``full``: scanpy's own ``sc.pp.scrublet`` defaults and Wilcoxon markers, scanpy's defaults;
+- ``lean``: scrublet with the pipeline's settings, the pipeline's parameters (like for like).
+
+``--params scanpy`` means each call's defaults: PCA 50 components (scanpy's default solver),
+neighbors on all of them, UMAP and DPT defaults; the only choices made are 2,000 HVGs (seurat flavour,
+as every tutorial) and Leiden with ``flavor='igraph', n_iterations=2, directed=False`` (what scanpy
+1.11 warns its default will become). ``--params pipeline`` uses the pipeline's defaults instead
+(30 PCs, arpack). Steps up to ``markers`` are the ones the pipeline's qc + cluster rules share with
+this script (``SHARED_STEPS``); ``dpt`` and ``write`` complete the whole run.
 """
 from __future__ import annotations
 
@@ -19,8 +27,13 @@ import sys
 import time
 
 STEPS = ["import", "read", "qc_metrics", "mad_filter", "scrublet", "filter_genes", "normalise", "hvg", "pca",
-         "neighbors", "umap", "leiden", "dpt", "write"]
-SHARED_STEPS = STEPS[:STEPS.index("leiden") + 1]
+         "neighbors", "umap", "leiden", "markers", "dpt", "write"]
+VARIANTS = {  # name -> (scrublet, markers, params)
+    "core": ("none", False, "scanpy"),
+    "full": ("default", True, "scanpy"),
+    "lean": ("lean", False, "pipeline"),
+}
+SHARED_STEPS = STEPS[:STEPS.index("markers") + 1]  # what the pipeline's qc + cluster rules also do
 COLUMNS = ["step", "wall_s", "cpu_s", "peak_rss_mb"]
 
 
@@ -71,13 +84,21 @@ def main(argv=None) -> int:
     ap.add_argument("--result", default=None, help="h5ad written at the end (default: next to --out)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--scrublet", choices=["default", "lean"], default="default",
+    ap.add_argument("--variant", choices=sorted(VARIANTS), default=None,
+                    help="sets --scrublet, --markers and --params together (see the module docstring)")
+    ap.add_argument("--scrublet", choices=["none", "default", "lean"], default="default",
                     help="'lean': sparse truncated SVD (mean_center=False) and 30 neighbours instead of "
-                         "0.5*sqrt(cells), the settings that keep scrublet linear in memory and time")
+                         "0.5*sqrt(cells), the settings that keep scrublet linear in memory and time; "
+                         "'none': no doublet detection")
+    ap.add_argument("--markers", action="store_true", help="Wilcoxon marker genes per Leiden cluster")
+    ap.add_argument("--params", choices=["scanpy", "pipeline"], default="pipeline",
+                    help="parameters of HVG..DPT: scanpy's defaults or the pipeline's")
     ap.add_argument("--stop-after", choices=STEPS[1:], default=None, help="stop after this step (smoke tests)")
     ap.add_argument("--numba-cache", action="store_true",
                     help="reuse compiled numba code across runs (NUMBA_CACHE_DIR), as the pipeline does")
     args = ap.parse_args(argv)
+    if args.variant:
+        args.scrublet, args.markers, args.params = VARIANTS[args.variant]
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
         os.environ[var] = str(args.threads)
 
@@ -113,9 +134,10 @@ def main(argv=None) -> int:
     if timer.step("mad_filter"):
         return timer.save(args.out)
 
-    lean = dict(mean_center=False, n_neighbors=30, sim_doublet_ratio=1.0) if args.scrublet == "lean" else {}
-    sc.pp.scrublet(adata, expected_doublet_rate=0.05, random_state=args.seed, verbose=False, **lean)
-    adata = adata[~adata.obs["predicted_doublet"].to_numpy()].copy()
+    if args.scrublet != "none":
+        lean = dict(mean_center=False, n_neighbors=30, sim_doublet_ratio=1.0) if args.scrublet == "lean" else {}
+        sc.pp.scrublet(adata, expected_doublet_rate=0.05, random_state=args.seed, verbose=False, **lean)
+        adata = adata[~adata.obs["predicted_doublet"].to_numpy()].copy()
     if timer.step("scrublet"):
         return timer.save(args.out)
 
@@ -133,20 +155,31 @@ def main(argv=None) -> int:
     if timer.step("hvg"):
         return timer.save(args.out)
 
-    sc.pp.pca(adata, n_comps=30, mask_var="highly_variable", svd_solver="arpack", random_state=args.seed)
+    if args.params == "pipeline":
+        sc.pp.pca(adata, n_comps=30, mask_var="highly_variable", svd_solver="arpack", random_state=args.seed)
+    else:
+        sc.pp.pca(adata, mask_var="highly_variable", random_state=args.seed)
     if timer.step("pca"):
         return timer.save(args.out)
 
-    sc.pp.neighbors(adata, n_neighbors=15, n_pcs=30, random_state=args.seed)
+    if args.params == "pipeline":
+        sc.pp.neighbors(adata, n_neighbors=15, n_pcs=30, random_state=args.seed)
+    else:
+        sc.pp.neighbors(adata, random_state=args.seed)
     if timer.step("neighbors"):
         return timer.save(args.out)
 
-    sc.tl.umap(adata, min_dist=0.5, random_state=args.seed)
+    sc.tl.umap(adata, min_dist=0.5, random_state=args.seed)  # 0.5 is scanpy's default too
     if timer.step("umap"):
         return timer.save(args.out)
 
     sc.tl.leiden(adata, resolution=1.0, random_state=args.seed, flavor="igraph", n_iterations=2, directed=False)
     if timer.step("leiden"):
+        return timer.save(args.out)
+
+    if args.markers:
+        sc.tl.rank_genes_groups(adata, "leiden", method="wilcoxon")
+    if timer.step("markers"):
         return timer.save(args.out)
 
     # Root: the cell detecting the most genes (the simplest stemness proxy), as a user might pick it.
