@@ -26,9 +26,9 @@ def tiny_counts(seed: int = 0, n_cells: int = N_CELLS, n_genes: int = N_GENES) -
                       var=pd.DataFrame(index=genes))
 
 
-def row(path, fmt, values="counts", species="human", orientation="", labels="", dataset="ds1") -> dict:
+def row(path, fmt, values="counts", species="human", orientation="", labels="", dataset="ds1", log_base="") -> dict:
     return {"dataset": dataset, "path": str(path), "format": fmt, "orientation": orientation, "species": species,
-            "values": values, "labels": labels, "params": ""}
+            "values": values, "log_base": log_base, "labels": labels, "params": ""}
 
 
 def read(path, fmt, **kw):
@@ -175,7 +175,8 @@ def test_ensembl_var_names_use_the_symbol_column(tmp_path):
     ens.write_h5ad(tmp_path / "x.h5ad")
     a = read(tmp_path / "x.h5ad", "h5ad")
     assert list(a.var_names) == list(ref.var_names)
-    assert a.var["gene_ids"].iloc[1] == "ENSG00000000001.1"
+    assert a.var["gene_ids"].iloc[1] == "ENSG00000000001"   # version removed: ids join to gene positions
+    assert a.uns["gene_mapping"]["n_versions_stripped"] == N_GENES and a.uns["gene_mapping"]["n_symbols_from_column"] == N_GENES
 
 
 # ----------------------------------------------------------------------------------------- loom
@@ -371,3 +372,180 @@ def test_counts_layer_from_the_qc_file(tmp_path, order):
     np.testing.assert_array_equal(back.layers["counts"].toarray(), expected)
     np.testing.assert_allclose(back.X.toarray(), final.X.toarray())
     assert sorted(q.name for q in tmp_path.iterdir()) == ["final.h5ad", "qc.h5ad"]
+
+
+# ----------------------------------------------------------------------------------------- log base (13.3)
+def _log_values(base: str, *, subset: int | None = 300, kind: str = "umi", seed: int = 0, n_cells: int = 60,
+                n_genes: int = 400) -> np.ndarray:
+    """Cells x genes values as a pipeline would receive them with ``values: log``.
+
+    kind 'umi': Poisson counts, depth-normalised to 1e4, restricted to ``subset`` genes (so per-cell
+    totals differ), then log(1 + x); 'tpm': continuous TPM over all genes (totals exactly 1e6); 'smooth':
+    continuous values with unequal totals (no count units, no common total)."""
+    rng = np.random.default_rng(seed)
+    if kind == "umi":
+        mu = rng.gamma(0.6, 2.0, size=n_genes)
+        depth = rng.uniform(0.5, 2.0, size=(n_cells, 1))
+        C = rng.poisson(mu * depth)
+        V = C / C.sum(axis=1, keepdims=True) * 1e4
+    else:
+        V = rng.gamma(0.5, 1.0, size=(n_cells, n_genes)) * (rng.random((n_cells, n_genes)) < 0.6)
+        V = V / V.sum(axis=1, keepdims=True) * 1e6 if kind == "tpm" else V * rng.uniform(5, 50, (n_cells, 1))
+    if subset:
+        V = V[:, :subset]
+    return (np.log1p(V) / np.log({"e": np.e, "2": 2.0, "10": 10.0}[base])).astype(np.float32), V
+
+
+def _log_file(tmp_path, X, name="log.h5ad") -> str:
+    genes = [f"MT-CO{i}" for i in range(1, 4)] + [f"GENE{i}" for i in range(X.shape[1] - 3)]
+    ad.AnnData(X=sp.csr_matrix(X), obs=pd.DataFrame(index=[f"c{i}" for i in range(X.shape[0])]),
+               var=pd.DataFrame(index=genes)).write_h5ad(tmp_path / name)
+    return tmp_path / name
+
+
+@pytest.mark.parametrize("base", ["e", "2", "10"])
+def test_log_base_detected_from_count_units_and_used_to_unlog(tmp_path, base):
+    """log(1 + CPM-like) of UMI counts on a gene subset, in each base: found by the count-unit rule; after
+    cluster.normalize X is ln(1 + v) whatever the input base, so every expm1 downstream un-logs correctly."""
+    from metastem import cluster
+
+    X, V = _log_values(base)
+    a = read(_log_file(tmp_path, X), "h5ad", values="log")
+    assert a.uns["log1p"].get("base") == io.LOG_BASES[base]
+    assert "count units" in a.uns["log_base_rule"] and f"log base {base}" in a.uns["log_base_rule"]
+    note = cluster.normalize(a, values="log", target_sum=1e4)
+    assert a.uns["log1p"].get("base") is None
+    np.testing.assert_allclose(np.expm1(a.X.toarray()), V, rtol=2e-4, atol=1e-3)
+    assert ("converted to natural log1p" in note) == (base != "e")
+
+
+def test_log_base_from_equal_totals_and_from_the_ceiling(tmp_path):
+    X, _ = _log_values("2", kind="tpm", subset=None)                        # log2(TPM + 1): totals 1e6 exactly
+    a = read(_log_file(tmp_path, X, "tpm.h5ad"), "h5ad", values="log")
+    assert a.uns["log1p"]["base"] == 2.0 and "per-cell totals are equal" in a.uns["log_base_rule"]
+    X, _ = _log_values("2", kind="tpm", subset=250)                         # a gene subset of it: e gives > 1e6
+    found = io.detect_log_base(X)
+    assert found["rule"] == "ceiling" and found["base"] == 2.0 and found["plausible"] == ["2"]
+
+
+def test_ginhoux_is_log2(shared_datasets):
+    """The real case of the issue: per-cell sums of e**x - 1 are ~3 M on 2000 genes, of 2**x - 1 ~180 k."""
+    from metastem import cluster, stemness
+
+    path = shared_datasets / "ginhoux_dc_progenitors.h5ad"
+    a = read(path, "h5ad", values="log", species="mouse", labels="group")
+    assert a.uns["log1p"]["base"] == 2.0 and "count units" in a.uns["log_base_rule"]
+    raw = ad.read_h5ad(path).X
+    raw = raw.toarray() if sp.issparse(raw) else np.asarray(raw)
+    cluster.normalize(a, values="log", target_sum=1e4)
+    totals = np.expm1(a.X.toarray().astype(np.float64)).sum(axis=1)
+    assert 1.5e5 < np.median(totals) < 2.1e5                               # 2**x - 1 of the file, not e**x - 1
+    np.testing.assert_allclose(totals, (np.exp2(raw.astype(np.float64)) - 1).sum(axis=1), rtol=1e-4)
+    # the stemness census step (expm1 of the pipeline's X) now sees the file's true values
+    nd = np.asarray((a.X > 0).sum(axis=1)).ravel()
+    census = stemness.census_log(a.X, nd).toarray()
+    E = np.exp2(raw.astype(np.float64)) - 1
+    expected = np.log2(1 + E * (nd / E.sum(axis=1))[:, None])
+    np.testing.assert_allclose(census, expected, rtol=1e-3, atol=1e-4)
+    with pytest.raises(MetastemError, match="declared log_base e but the data are log base 2") as err:
+        read(path, "h5ad", values="log", species="mouse", log_base="e")
+    assert "Fix: set log_base to 2" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_log_base_that_cannot_be_told_is_refused_in_one_line(tmp_path):
+    """Continuous values, unequal totals, all bases under 1e6 per cell: the sheet must say."""
+    X, _ = _log_values("e", kind="smooth", subset=None, n_genes=60)
+    p = _log_file(tmp_path, X)
+    found = io.detect_log_base(X)
+    assert found["rule"] == "ambiguous" and found["plausible"] == ["e", "2", "10"]
+    with pytest.raises(MetastemError, match="do not tell the log base") as err:
+        read(p, "h5ad", values="log")
+    msg = str(err.value)
+    assert "dataset 'ds1'" in msg and str(p) in msg and "Fix: set the log_base column" in msg and "\n" not in msg
+    a = io.read_dataset({**row(p, "h5ad", values="log"), "log_base": "e"}, {"seed": 0})
+    assert a.uns["log1p"].get("base") is None and "declared" in a.uns["log_base_rule"]
+
+
+def test_unlog_helper():
+    x = np.array([0.0, 1.0, 3.5], dtype=np.float32)
+    assert io.unlog(x, 2.0).dtype == np.float32
+    np.testing.assert_allclose(io.unlog(x, 2.0), 2.0 ** x - 1, rtol=1e-6)
+    np.testing.assert_allclose(io.unlog(x, None), np.expm1(x), rtol=1e-6)
+    m = io.unlog(sp.csr_matrix(x[None, :]), 10.0)
+    assert sp.issparse(m) and m.nnz == 2
+    np.testing.assert_allclose(m.toarray().ravel(), 10.0 ** x - 1, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------- orientation (13.5)
+def _barcoded(n_cells=30):
+    """10x barcodes as cells and real gene symbols as genes."""
+    from metastem.genes import gene_positions
+
+    rng = np.random.default_rng(0)
+    pos = gene_positions("human")
+    symbols = ["MT-CO1", "MT-CO2", "MT-CO3"] + list(pos[pos["biotype"] == "protein_coding"]["symbol"][:37])
+    bcs = ["".join(rng.choice(list("ACGT"), 16)) + "-1" for _ in range(n_cells)]
+    return ad.AnnData(X=sp.csr_matrix(rng.poisson(1.0, (n_cells, 40)).astype(np.float32)),
+                      obs=pd.DataFrame(index=bcs), var=pd.DataFrame(index=symbols))
+
+
+@pytest.mark.parametrize("written, declared, words", [
+    ("cells_x_genes", "genes_x_cells", 'the "genes" look like barcodes'),
+    ("genes_x_cells", "cells_x_genes", 'the "genes" look like barcodes'),
+])
+def test_text_matrix_declared_the_wrong_way_round_is_refused(tmp_path, written, declared, words):
+    ref = _barcoded()
+    df = ref.to_df().astype(int)
+    (df if written == "cells_x_genes" else df.T).to_csv(tmp_path / "x.csv")
+    with pytest.raises(MetastemError) as err:
+        read(tmp_path / "x.csv", "csv", orientation=declared)
+    msg = str(err.value)
+    assert words in msg and f"Fix: set orientation to {written}" in msg and "dataset 'ds1'" in msg
+    assert "x.csv" in msg and "\n" not in msg
+    same_matrix(read(tmp_path / "x.csv", "csv", orientation=written), ref)   # declared right, it reads
+
+
+def test_transposed_h5ad_is_refused(tmp_path):
+    _barcoded().T.write_h5ad(tmp_path / "t.h5ad")
+    with pytest.raises(MetastemError, match='"genes" look like barcodes.*Fix: transpose it') as err:
+        read(tmp_path / "t.h5ad", "h5ad")
+    assert "\n" not in str(err.value)
+
+
+def test_oligodendroglioma_declared_cells_x_genes_is_refused(shared_datasets):
+    with pytest.raises(MetastemError, match='the "cells" look like genes.*Fix: set orientation to genes_x_cells'):
+        read(shared_datasets / "oligodendroglioma_expression_downsampled.counts.matrix.gz", "tsv",
+             values="normalized", orientation="cells_x_genes")
+
+
+def test_prefixed_barcodes_and_plain_names():
+    assert io.barcode_likeness(["patient1_AAACCTGAGAAACCAT-1", "AAACCTGAGAAACCAT", "s2:TTTGTCATCTTTCCTC-2"]) == 1
+    assert io.barcode_likeness(["GENE1", "CD3E", "cell_1", "ACGT"]) == 0
+
+
+# ----------------------------------------------------------------------------------------- job logs (13.7)
+def test_repeated_warnings_are_one_line_each_in_the_job_log(tmp_path, monkeypatch):
+    """pandas' PerformanceWarning, raised hundreds of times inside catch_warnings blocks (which reset
+    Python's once-per-location registry), is logged once, with a count at the end."""
+    import warnings
+    from types import SimpleNamespace
+
+    from metastem import smk
+
+    def main(_):
+        for i in range(300):
+            with warnings.catch_warnings():
+                pass
+            warnings.warn(f"DataFrame is highly fragmented. Call frame.insert {i} times", pd.errors.PerformanceWarning)
+        warnings.warn("something else", UserWarning)
+
+    monkeypatch.setattr(smk, "_set_threads", lambda n: None)
+    job = SimpleNamespace(log=[str(tmp_path / "cluster.log")], threads=1, rule="cluster",
+                          wildcards=SimpleNamespace(dataset="ds"))
+    before = warnings.showwarning
+    smk.run(job, main)
+    assert warnings.showwarning is before
+    text = (tmp_path / "cluster.log").read_text()
+    assert text.count("highly fragmented") == 2                         # first occurrence + the summary
+    assert "occurred 300 times in all (logged once)" in text and text.count("something else") == 1
+    assert len(text.splitlines()) < 15

@@ -181,3 +181,49 @@ def test_homogeneous_cells_are_not_all_called_doublets(defaults):
                        var=pd.DataFrame(index=[f"MT-CO{i}" for i in range(1, 4)] + [f"GENE{i}" for i in range(197)]))
     _, cells, _ = qc.run_qc(adata, defaults["qc"], values="counts", species="human", seed=0)
     assert cells["doublet"].mean() <= qc.MAX_DOUBLET_FACTOR * defaults["qc"]["doublet_rate"]
+
+
+# ----------------------------------------------------------------------------------------- ERCC spike-ins (13.4)
+def _with_spike_ins(n_cells=80, n_genes=150, n_ercc=6, seed=3):
+    """Smart-seq-like counts with ERCC controls at a known, varying share of each cell's reads."""
+    rng = np.random.default_rng(seed)
+    genes = [f"MT-ND{i}" for i in range(1, 4)] + [f"GENE{i}" for i in range(n_genes - 3)]
+    ercc = [f"ERCC-{i:05d}" for i in (2, 3, 4, 9, 12, 13)][:n_ercc]
+    G = rng.poisson(rng.gamma(1.0, 3.0, size=n_genes), size=(n_cells, n_genes))
+    share = rng.uniform(0.02, 0.3, size=n_cells)        # planted ERCC share of all counts
+    target = np.round(G.sum(axis=1) * share / (1 - share)).astype(int)
+    E = np.array([rng.multinomial(t, np.ones(n_ercc) / n_ercc) if n_ercc else [] for t in target],
+                 dtype=int).reshape(n_cells, n_ercc)
+    X = np.hstack([G[:, :50], E, G[:, 50:]]).astype(np.float32)    # spike-ins among the genes
+    var = pd.DataFrame(index=genes[:50] + ercc + genes[50:])
+    return ad.AnnData(X=sp.csr_matrix(X), obs=pd.DataFrame(index=[f"c{i}" for i in range(n_cells)]), var=var), G, E
+
+
+def test_ercc_spike_ins_are_recorded_then_removed(defaults):
+    adata, G, E = _with_spike_ins()
+    expected = 100 * E.sum(axis=1) / (E.sum(axis=1) + G.sum(axis=1))
+    p = copy.deepcopy(defaults["qc"]) | {"doublets": False}
+    out, cells, info = qc.run_qc(adata, p, values="counts", species="human", seed=0)
+    assert not out.var_names.str.startswith("ERCC").any()
+    np.testing.assert_allclose(cells["pct_counts_ercc"].to_numpy(), expected, rtol=1e-6)
+    # QC metrics count genes only: totals and genes detected exclude the controls
+    np.testing.assert_array_equal(cells["total_counts"].to_numpy(), G.sum(axis=1))
+    np.testing.assert_array_equal(cells["n_genes_by_counts"].to_numpy(), (G > 0).sum(axis=1))
+    assert info["n_spike_ins_removed"] == 6 and any("6 ERCC spike-ins removed" in n for n in info["notes"])
+    assert "pct_counts_ercc" in out.obs and info["genes_in"] == 150
+
+
+def test_ercc_share_of_log_values_is_taken_on_unlogged_values():
+    adata, G, E = _with_spike_ins()
+    counts = adata.X.toarray().astype(np.float64)
+    adata.X = sp.csr_matrix(np.log2(1 + counts).astype(np.float32))
+    adata.uns["log1p"] = {"base": 2.0}
+    assert qc.remove_spike_ins(adata) == 6
+    expected = 100 * E.sum(axis=1) / (E.sum(axis=1) + G.sum(axis=1))
+    np.testing.assert_allclose(adata.obs["pct_counts_ercc"].to_numpy(), expected, rtol=1e-4)
+    assert adata.n_vars == 150
+
+
+def test_no_spike_ins_changes_nothing():
+    adata, *_ = _with_spike_ins(n_ercc=0)
+    assert qc.remove_spike_ins(adata) == 0 and "pct_counts_ercc" not in adata.obs and adata.n_vars == 150

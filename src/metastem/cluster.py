@@ -33,8 +33,26 @@ def normalize(adata: ad.AnnData, *, values: str, target_sum: float) -> str:
     if values == "normalized":
         sc.pp.log1p(adata)
         return "normalised values log1p-transformed (count normalisation skipped: values are not counts)"
+    # Log values: in the base metastem.io.read recorded in uns['log1p'] (None = e), else found here. Values
+    # in base 2 or 10 are rescaled to natural log1p units (x * ln b = ln(1 + v)): the same numbers as if
+    # log1p had been taken here, so every later step (HVG, markers, stemness census, scores) un-logs with expm1.
+    from metastem.io import _base_name, resolve_log_base
+
+    if "log1p" in adata.uns:
+        base, how = adata.uns["log1p"].get("base"), adata.uns.get("log_base_rule", "log base recorded in uns['log1p']")
+    else:
+        base, how = resolve_log_base(adata)
     adata.uns["log1p"] = {"base": None}
-    return "log values used as given (count normalisation skipped: values are not counts)"
+    adata.uns.pop("log_base_rule", None)
+    if base is None or np.isclose(float(base), np.e):
+        return f"log values used as given ({how}; count normalisation skipped: values are not counts)"
+    factor = np.float32(np.log(float(base)))
+    if sp.issparse(adata.X):
+        adata.X.data *= factor
+    else:
+        adata.X = np.asarray(adata.X, dtype=np.float32) * factor
+    return (f"log{_base_name(float(base))} values converted to natural log1p units (x · ln {_base_name(float(base))}; "
+            f"{how}; count normalisation skipped: values are not counts)")
 
 
 def highly_variable_genes_seurat(adata: ad.AnnData, n_top_genes: int, n_bins: int = 20) -> None:

@@ -18,7 +18,7 @@ from jsonschema import Draft202012Validator, validators
 
 from metastem.errors import MetastemError
 
-SHEET_COLUMNS = ["dataset", "path", "format", "orientation", "species", "values", "labels", "params"]
+SHEET_COLUMNS = ["dataset", "path", "format", "orientation", "species", "values", "log_base", "labels", "params"]
 OVERRIDABLE = ("simulate", "qc", "cluster", "stemness", "pseudotime", "pathways")
 # Folders of OUTDIR that are not datasets: a dataset with one of these ids would share them.
 RESERVED_IDS = ("logs", "benchmarks")

@@ -18,13 +18,14 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from metastem._timing import step as _step
+from metastem import genes
 from metastem.errors import MetastemError
 
 log = logging.getLogger(__name__)
 
-_ENSEMBL = re.compile(r"^ENS[A-Z]*G\d{6,}(\.\d+)?$")
-SYMBOL_COLUMNS = ("gene_symbols", "gene_symbol", "gene_name", "gene_names", "symbol", "feature_name",
-                  "gene_ids_symbol", "Gene", "gene")
+SYMBOL_COLUMNS = genes.SYMBOL_COLUMNS
+check_species = genes.check_species
 
 
 def _find(directory: Path, stems: tuple[str, ...]) -> Path | None:
@@ -204,41 +205,9 @@ def file_checksum(path: str, algorithm: str = "sha256") -> str:
     return f"{algorithm}:{h.hexdigest()}"
 
 
-def _use_symbols(adata: ad.AnnData) -> None:
-    """Replace Ensembl IDs by gene symbols when a symbol column exists; otherwise it is an error."""
-    names = adata.var_names.astype(str)
-    frac_ens = np.mean([bool(_ENSEMBL.match(n)) for n in names[:2000]]) if len(names) else 0
-    if frac_ens < 0.5:
-        return
-    for col in SYMBOL_COLUMNS:
-        if col in adata.var.columns and not adata.var[col].astype(str).str.match(_ENSEMBL).mean() > 0.5:
-            sym = adata.var[col].astype(str)
-            adata.var["gene_ids"] = names
-            adata.var_names = pd.Index(np.where(sym.isin(["", "nan", "None"]), names, sym))
-            log.info("var names were Ensembl IDs; using symbols from var['%s']", col)
-            return
-    raise MetastemError("genes are Ensembl IDs and no gene-symbol column was found in var",
-                        fix=f"add a var column with symbols (one of {', '.join(SYMBOL_COLUMNS[:4])}) or convert IDs to symbols")
-
-
-def check_species(adata: ad.AnnData, species: str) -> None:
-    """Mouse symbols are capitalised (Actb), human ones upper-case (ACTB): a mismatch ruins every gene set."""
-    names = pd.Index(adata.var_names.astype(str))
-    letters = names[names.str.match(r"^[A-Za-z][A-Za-z0-9]+$")]
-    if len(letters) < 20:
-        return
-    upper = letters.str.fullmatch(r"[A-Z0-9]+").mean()
-    capital = letters.str.fullmatch(r"[A-Z][a-z0-9]+").mean()
-    if species == "human" and capital > 0.5 and not names.str.startswith("MT-").any():
-        raise MetastemError(f"declared human but {capital:.0%} of gene symbols look like mouse (e.g. {', '.join(letters[letters.str.fullmatch(r'[A-Z][a-z0-9]+')][:3])}) and no MT- genes were found",
-                            fix="set species to mouse in the dataset sheet")
-    if species == "mouse" and upper > 0.5 and not names.str.startswith("mt-").any():
-        raise MetastemError(f"declared mouse but {upper:.0%} of gene symbols look like human (e.g. {', '.join(letters[letters.str.fullmatch(r'[A-Z0-9]+')][:3])}) and no mt- genes were found",
-                            fix="set species to human in the dataset sheet")
-
-
 def validate_matrix(adata: ad.AnnData, values: str) -> ad.AnnData:
-    """Check shape and values; return AnnData with CSR float32 X and unique names."""
+    """Check shape and values; return AnnData with CSR float32 X and unique cell names (gene names:
+    :func:`metastem.genes.map_gene_names`)."""
     if adata.n_obs == 0 or adata.n_vars == 0:
         raise MetastemError(f"matrix has {adata.n_obs} cells and {adata.n_vars} genes",
                             fix="check the export; for csv/tsv check the 'orientation' column")
@@ -263,41 +232,284 @@ def validate_matrix(adata: ad.AnnData, values: str) -> ad.AnnData:
         dup = adata.obs_names[adata.obs_names.duplicated()].unique()
         raise MetastemError(f"{len(dup)} duplicate cell barcodes (e.g. {', '.join(map(str, dup[:3]))})",
                             fix="make barcodes unique, e.g. prefix them with the sample name")
-    _use_symbols(adata)
-    if adata.var_names.has_duplicates:
-        n = int(adata.var_names.duplicated().sum())
-        log.warning("%d duplicate gene symbols made unique (suffixes -1, -2, ...)", n)
-        adata.var_names_make_unique()
     adata.obs_names = adata.obs_names.astype(str)
     adata.var_names = adata.var_names.astype(str)
     return adata
 
 
+# ----------------------------------------------------------------------------- orientation
+
+# 10x Chromium barcodes: 16 (v2/v3) or 12-14 (v1, Drop-seq) bases, an optional '-1' GEM-well suffix,
+# and often a sample prefix or suffix joined by '_', ':', '.' or '-' (Seurat/scanpy concatenation).
+_BARCODE = re.compile(r"(^|[_:.#-])[ACGTN]{12,16}(-\d+)?($|[_:.#-])")
+
+
+def barcode_likeness(names) -> float:
+    """Share of ``names`` that contain a 10x-style nucleotide barcode."""
+    names = [str(n) for n in names]
+    return sum(1 for n in names if _BARCODE.search(n)) / len(names) if names else 0.0
+
+
+def check_orientation(adata: ad.AnnData, *, fmt: str = "", orientation: str = "") -> None:
+    """Refuse a matrix read sideways: the "genes" look like cell barcodes, or the "cells" look like genes.
+
+    Rule (on up to 2000 names of each axis): the gene axis is wrong when more than half of its names
+    are 10x barcodes (``ACGT...{12-16}``, optional ``-1``, optional sample prefix), or when more than
+    half of the cell names are gene symbols / Ensembl ids of the shipped tables and that share exceeds
+    the gene names' share by 0.3. Names that are neither (GENE1, cell_1) never trigger it.
+    """
+    genes_ = adata.var_names[:2000]
+    cells = adata.obs_names[:2000]
+    bc_genes, bc_cells = barcode_likeness(genes_), barcode_likeness(cells)
+    sym_genes, sym_cells = genes.symbol_likeness(genes_), genes.symbol_likeness(cells)
+    sideways = (bc_genes > 0.5 and bc_cells < 0.5) or (sym_cells > 0.5 and sym_cells > sym_genes + 0.3)
+    if not sideways:
+        return
+    what = (f'the "genes" look like barcodes ({bc_genes:.0%}, e.g. {genes_[0]})' if bc_genes > 0.5 else
+            f'the "cells" look like genes ({sym_cells:.0%} are gene symbols or ids, e.g. {cells[0]})')
+    if fmt in ("csv", "tsv"):
+        declared = orientation or "genes_x_cells"
+        other = "cells_x_genes" if declared == "genes_x_cells" else "genes_x_cells"
+        raise MetastemError(f"{what}: the table is {other.replace('_x_', ' x ')} but the sheet says orientation {declared}",
+                            fix=f"set orientation to {other} in the dataset sheet")
+    raise MetastemError(f"{what}: the matrix is stored genes x cells where cells x genes is expected",
+                        fix="transpose it before saving (AnnData: adata.T), so cells are rows (obs) and genes columns (var)")
+
+
+# ----------------------------------------------------------------------------- log base
+
+LOG_BASES: dict[str, float | None] = {"e": None, "2": 2.0, "10": 10.0}   # sheet value -> uns['log1p']['base']
+CPM_CEILING = 1e6
+_UNIT_TOL = 0.02
+
+
+def unlog(values, base: float | None = None):
+    """Invert ``log1p`` in ``base`` (None = e, scanpy's convention): ``base**x - 1``, as ``expm1(x ln base)``.
+
+    Arrays keep a floating dtype (float32 stays float32); sparse matrices are un-logged on their stored
+    values (zeros stay zeros) and returned as a new matrix. Use it wherever log values are un-logged:
+    ``base = adata.uns.get('log1p', {}).get('base')``.
+    """
+    if sp.issparse(values):
+        out = values.copy()
+        out.data = unlog(out.data, base)
+        return out
+    x = np.asarray(values)
+    if x.dtype.kind != "f":
+        x = x.astype(np.float64)
+    if base is None:
+        return np.expm1(x)
+    return np.expm1(x * x.dtype.type(np.log(base)))
+
+
+def _base_name(base: float | None) -> str:
+    return "e" if base is None else f"{base:g}"
+
+
+def _unit_score(row: np.ndarray, base: float | None) -> float:
+    """Share of a cell's un-logged values that are whole multiples of its smallest one (or of a half or
+    third of it), counting only values above the smallest: ``nan`` when fewer than 5 such values."""
+    v = unlog(row.astype(np.float64), base)
+    u = v.min()
+    r = v[row > row.min() * (1 + 1e-4)] / u
+    r = r[r <= 50]
+    if r.size < 5:
+        return np.nan
+    return max(float(np.mean(np.abs(r * m - np.round(r * m)) < _UNIT_TOL * m)) for m in (1, 2, 3))
+
+
+def detect_log_base(X, *, n_cells: int = 300) -> dict:
+    """Which base of ``log(1 + x)`` the values are in, from the data alone, if they tell.
+
+    Each candidate base b (e, 2, 10) un-logs a sample of up to ``n_cells`` cells (b**x - 1) and is judged by,
+    in order (the first rule that singles out one base decides):
+
+    1. ``units``: the values of a cell are whole multiples of one unit (a read, a UMI, or that count
+       scaled by depth, e.g. CPM of counts): in the median cell, >= 90% of its values above the
+       smallest are multiples (within 0.02) of the smallest, for exactly one base and <= 50% for the others;
+    2. ``equal_totals``: per-cell totals are equal (coefficient of variation < 0.1%: normalize_total or
+       CPM/TPM over all genes, then log1p) for exactly one base;
+    3. ``ceiling``: a base is implausible when the median cell's total exceeds 1e6 (1% tolerance):
+       no normalisation puts more than a million units into a cell (CPM and TPM are at most 1e6; raw
+       counts are caught by rule 1). Larger bases give larger totals, so this can only leave base 2
+       (Ginhoux: e gives a median 3.05 M per cell on 2000 genes, 2 gives 179 k).
+
+    Returns ``{'base': float | None, 'rule': 'units' | 'equal_totals' | 'ceiling' | 'ambiguous' | 'none',
+    'plausible': [names], 'evidence': text}``; ``base`` is meaningful only for the first three rules.
+    """
+    X = sp.csr_matrix(X) if sp.issparse(X) else np.asarray(X)
+    n = X.shape[0]
+    rows = np.unique(np.linspace(0, n - 1, min(n, n_cells)).astype(int)) if n else np.array([], int)
+    cells = []
+    for i in rows:
+        r = X[i].toarray().ravel() if sp.issparse(X) else np.asarray(X[i]).ravel()
+        cells.append(r[r > 0].astype(np.float64))
+    stats = {}
+    for name, base in LOG_BASES.items():
+        totals = np.array([unlog(c, base).sum() for c in cells])
+        scores = np.array([_unit_score(c, base) for c in cells if c.size])
+        scores = scores[np.isfinite(scores)]
+        informative = scores.size >= min(10, max(1, len(cells) // 2))
+        med = float(np.median(totals)) if totals.size else 0.0
+        cv = float(np.std(totals) / np.mean(totals)) if totals.size and np.mean(totals) > 0 else np.inf
+        stats[name] = {"units": float(np.median(scores)) if informative else np.nan, "median_total": med, "cv": cv}
+    evidence = "; ".join(f"base {k}: median per-cell total {v['median_total']:.3g}, totals CV {v['cv']:.2g}"
+                         + (f", {v['units']:.0%} of values in whole count units" if np.isfinite(v["units"]) else "")
+                         for k, v in stats.items())
+    plausible = [k for k, v in stats.items() if v["median_total"] <= CPM_CEILING * 1.01]
+
+    def result(rule: str, name: str | None) -> dict:
+        return {"base": LOG_BASES[name] if name else None, "rule": rule, "plausible": plausible, "evidence": evidence,
+                "base_name": name or ""}
+
+    units = {k: v["units"] for k, v in stats.items()}
+    good = [k for k, u in units.items() if np.isfinite(u) and u >= 0.9]
+    if len(good) == 1 and all(not np.isfinite(u) or u <= 0.5 for k, u in units.items() if k != good[0]):
+        return result("units", good[0])
+    equal = [k for k, v in stats.items() if v["cv"] < 1e-3]
+    if len(equal) == 1:
+        return result("equal_totals", equal[0])
+    if not plausible:
+        return result("none", None)
+    if len(plausible) == 1:
+        return result("ceiling", plausible[0])
+    return result("ambiguous", None)
+
+
+def resolve_log_base(adata: ad.AnnData, log_base: str | None = None) -> tuple[float | None, str]:
+    """The base of log values: the declared one (sheet ``log_base``: 'e', '2' or '10'), checked against
+    the data, else :func:`detect_log_base`, else the base an input made by scanpy recorded in
+    ``uns['log1p']``. Returns ``(base, sentence)``; raises one line when it cannot be told or the
+    declaration contradicts the data.
+    """
+    found = detect_log_base(adata.X)
+    told = found["rule"] in ("units", "equal_totals", "ceiling")
+    rule_text = {"units": "values are whole count units only in that base",
+                 "equal_totals": "per-cell totals are equal only in that base",
+                 "ceiling": "other bases give more than 1e6 per cell, more than any normalisation"}
+    if found["rule"] == "none":
+        raise MetastemError(f"values are declared 'log' but un-logging them in base e, 2 or 10 gives more than "
+                            f"1e6 per cell ({found['evidence']})",
+                            fix="check the values column (counts? normalized?) or the export")
+    if log_base:
+        if log_base not in LOG_BASES:
+            raise MetastemError(f"log_base '{log_base}' is not one of e, 2, 10", fix="set log_base to e, 2 or 10")
+        if (told and found["base_name"] != log_base) or log_base not in found["plausible"]:
+            seen = (f"the data are log base {found['base_name']} ({rule_text[found['rule']]})" if told
+                    else f"base {log_base} gives more than 1e6 per cell")
+            raise MetastemError(f"declared log_base {log_base} but {seen}; {found['evidence']}",
+                                fix=f"set log_base to {found['base_name'] or 'the base the values were made with'} "
+                                    "(or leave it empty to detect it)")
+        return LOG_BASES[log_base], f"log base {log_base} (declared; consistent with the data)"
+    if told:
+        return found["base"], f"log base {found['base_name']} (detected: {rule_text[found['rule']]})"
+    if "log1p" in adata.uns:
+        base = adata.uns["log1p"].get("base")
+        base = None if base is None or np.isclose(float(base), np.e) else float(base)
+        if _base_name(base) in found["plausible"]:
+            return base, f"log base {_base_name(base)} (recorded in the file's uns['log1p'])"
+    raise MetastemError(f"values are 'log' but the data do not tell the log base ({found['evidence']}; "
+                        "plausible: " + ", ".join(found["plausible"]) + ")",
+                        fix="set the log_base column of the dataset sheet to e, 2 or 10 (the base of log(1 + x) "
+                            "the values were made with)")
+
+
+# ----------------------------------------------------------------------------- reading
+
+_READERS = ("10x_mtx", "10x_h5", "h5ad", "loom", "csv", "tsv")
+
+
+def read(path: str | os.PathLike, format: str | None = None, values: str = "counts", species: str = "human", *,
+         orientation: str = "", log_base: str | None = None, labels: str | None = None,
+         symbol_column: str | None = None) -> ad.AnnData:
+    """Read any supported input into one validated AnnData.
+
+    Parameters
+    ----------
+    path
+        A file (h5ad, 10x .h5, loom, csv/tsv, gzipped or not) or a Cell Ranger matrix folder.
+    format
+        One of ``10x_mtx, 10x_h5, h5ad, loom, csv, tsv``; inferred from the path when None.
+    values
+        ``counts`` (integers), ``normalized`` or ``log`` (log(1 + x)).
+    species
+        ``human`` or ``mouse``: gene tables, case rules, mitochondrial prefixes.
+    orientation
+        For csv/tsv: ``genes_x_cells`` (genes are rows) or ``cells_x_genes``.
+    log_base
+        For ``values='log'``: ``'e'``, ``'2'`` or ``'10'``; detected from the data when None
+        (:func:`detect_log_base`), refused in one line when the data cannot tell.
+    labels
+        An obs column with known cell labels that must exist.
+    symbol_column
+        The var column holding gene symbols when ``var_names`` are ids (found automatically when None).
+
+    Returns
+    -------
+    AnnData with cells as rows, unique barcodes, unique current gene symbols as ``var_names`` (Ensembl ids
+    in ``var['gene_ids']``), X as CSR float32 with finite non-negative values. Writes
+    ``uns['gene_mapping']`` (how gene names were mapped, :func:`metastem.genes.map_gene_names`) and, for
+    log values, ``uns['log1p'] = {'base': b}`` (None = e) with ``uns['log_base_rule']`` saying how it was
+    known, so that every step that un-logs (:func:`unlog`) uses the right inverse. Every problem is a
+    ``MetastemError`` naming the file and what to fix.
+    """
+    from metastem.config import infer_format
+
+    path = str(path)
+    fmt = format or infer_format(path)
+    try:
+        if fmt not in _READERS:
+            raise MetastemError(f"unknown input format '{fmt}'", fix=f"use one of {', '.join(_READERS)}")
+        if not os.path.exists(path):
+            raise MetastemError("file not found", fix="correct the 'path' column")
+        if os.path.isfile(path) and os.path.getsize(path) == 0:
+            raise MetastemError("file is empty", fix="re-export or re-download it")
+        if fmt in ("csv", "tsv") and orientation not in ("genes_x_cells", "cells_x_genes"):
+            raise MetastemError(f"{fmt} input needs an orientation", fix="set orientation to genes_x_cells or cells_x_genes")
+        reader = {"10x_mtx": read_10x_mtx, "10x_h5": read_10x_h5, "h5ad": read_h5ad, "loom": read_loom,
+                  "csv": lambda p: read_text_matrix(p, ",", orientation),
+                  "tsv": lambda p: read_text_matrix(p, "\t", orientation)}[fmt]
+        adata = prepare(reader(path), values=values, species=species, fmt=fmt, orientation=orientation,
+                        log_base=log_base, labels=labels, symbol_column=symbol_column)
+    except MetastemError as err:
+        raise err.with_context(file=path)
+    return adata
+
+
+@_step("check input and map gene names")
+def prepare(adata: ad.AnnData, *, values: str = "counts", species: str = "human", fmt: str = "",
+            orientation: str = "", log_base: str | None = None, labels: str | None = None,
+            symbol_column: str | None = None) -> ad.AnnData:
+    """The checks and gene naming of :func:`read`, on an AnnData already in memory (returned, changed in place)."""
+    adata = validate_matrix(adata, values)
+    check_orientation(adata, fmt=fmt, orientation=orientation)
+    genes.map_gene_names(adata, species, symbol_column=symbol_column)
+    if values == "log":
+        base, how = resolve_log_base(adata, log_base)
+        adata.uns["log1p"] = {"base": base} if base is not None else {}
+        adata.uns["log_base_rule"] = how
+        log.info("values: %s", how)
+    if labels and labels not in adata.obs.columns:
+        raise MetastemError(f"labels column '{labels}' is not in obs (has: {', '.join(map(str, adata.obs.columns[:10])) or 'none'})",
+                            fix="name an existing obs column in 'labels' or leave it empty")
+    return adata
+
+
+@_step("read input (incl. checks and gene names)")
 def read_dataset(row: dict, params: dict) -> ad.AnnData:
-    """Read one sheet row into a validated AnnData, whatever its format."""
+    """Read one sheet row into a validated AnnData, whatever its format (the workflow's adapter of :func:`read`)."""
     from metastem.simulate import simulate_tumour
 
     fmt, path = row["format"], row["path"]
     try:
         if fmt == "simulated":
             sim = params["simulate"]
-            adata = simulate_tumour(sim["n_cells"], sim["n_genes"], seed=params["seed"],
-                                    frac_doublets=sim["frac_doublets"], frac_low_quality=sim["frac_low_quality"],
-                                    mean_library_size=sim["mean_library_size"])
+            adata = simulate_tumour(seed=params["seed"], **sim)  # the schema's simulate keys = its parameters
+            adata = prepare(adata, values=row["values"], species=row["species"], fmt=fmt,
+                            log_base=row.get("log_base") or None, labels=row.get("labels") or None)
         else:
-            if not os.path.exists(path):
-                raise MetastemError("file not found", fix="correct the 'path' column")
-            if os.path.isfile(path) and os.path.getsize(path) == 0:
-                raise MetastemError("file is empty", fix="re-export or re-download it")
-            reader = {"10x_mtx": read_10x_mtx, "10x_h5": read_10x_h5, "h5ad": read_h5ad, "loom": read_loom,
-                      "csv": lambda p: read_text_matrix(p, ",", row["orientation"]),
-                      "tsv": lambda p: read_text_matrix(p, "\t", row["orientation"])}[fmt]
-            adata = reader(path)
-        adata = validate_matrix(adata, row["values"])
-        check_species(adata, row["species"])
-        if row.get("labels") and row["labels"] not in adata.obs.columns:
-            raise MetastemError(f"labels column '{row['labels']}' is not in obs (has: {', '.join(map(str, adata.obs.columns[:10])) or 'none'})",
-                                fix="name an existing obs column in 'labels' or leave it empty")
+            adata = read(path, fmt, row["values"], row["species"], orientation=row.get("orientation", ""),
+                         log_base=row.get("log_base") or None, labels=row.get("labels") or None)
     except MetastemError as err:
         raise err.with_context(dataset=row["dataset"], file=path or "(simulated)")
     return adata
@@ -312,6 +524,7 @@ def _clear_stale_temps(path: Path) -> None:
             pass
 
 
+@_step("read {path} (no X)")
 def read_h5ad_without_X(path: str | os.PathLike) -> ad.AnnData:
     """obs, var, obsm, obsp and uns of an h5ad, without X or layers: for stages that use only the graph."""
     import h5py
@@ -322,6 +535,7 @@ def read_h5ad_without_X(path: str | os.PathLike) -> ad.AnnData:
     return ad.AnnData(**parts)
 
 
+@_step("read counts from {qc_h5ad}")
 def attach_counts(adata: ad.AnnData, qc_h5ad: str | os.PathLike) -> None:
     """layers['counts'] from the QC stage's h5ad (raw counts of the same cells and genes), in memory."""
     import h5py
@@ -345,6 +559,7 @@ def _same_cells_and_genes(adata: ad.AnnData, h5ad: str | os.PathLike) -> bool:
                 and read_elem(f["var"]).index.equals(adata.var_names))
 
 
+@_step("write {path}")
 def write_h5ad_atomic(adata: ad.AnnData, path: str | os.PathLike, *,
                       counts_from: str | os.PathLike | None = None) -> None:
     """Write to a temporary name in the same folder, then rename: no half-written file ever has the real name.
@@ -374,6 +589,7 @@ def write_h5ad_atomic(adata: ad.AnnData, path: str | os.PathLike, *,
             os.remove(tmp)
 
 
+@_step("write {path}")
 def write_text_atomic(text: str, path: str | os.PathLike) -> None:
     """UTF-8 text under a temporary name, then renamed (JSON summaries, HTML pages)."""
     path = Path(path)
@@ -383,6 +599,7 @@ def write_text_atomic(text: str, path: str | os.PathLike) -> None:
     os.replace(tmp, path)
 
 
+@_step("write {path}")
 def write_table_atomic(df: pd.DataFrame, path: str | os.PathLike, **kwargs) -> None:
     """TSV written under a temporary name, then renamed. A '.gz' target is really gzipped (the
     temporary name would otherwise hide the suffix from pandas) and carries no timestamp, so equal

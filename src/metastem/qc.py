@@ -33,6 +33,32 @@ def gene_flags(var_names: pd.Index, species: str) -> dict[str, np.ndarray]:
             "hb": names.str.match(r"^HB[ABDGEMQZ]\d?$")}
 
 
+def remove_spike_ins(adata: ad.AnnData, *, key_added: str = "pct_counts_ercc") -> int:
+    """Record the ERCC spike-in share of each cell in ``obs[key_added]``, then drop the spike-ins from X.
+
+    ERCC controls (``ERCC-00002``..., added to Smart-seq libraries) are synthetic RNAs, not genes: left
+    in, they would count towards genes detected and total counts, could become variable genes, and
+    would inflate the gene-count signature of stemness. Their share (percent of each cell's counts, of
+    un-logged values for log input, base from ``uns['log1p']``) is kept as a QC metric: a high share
+    means little cellular RNA. Filters ``adata`` in place; returns the number of spike-ins removed
+    (0: nothing written).
+    """
+    from metastem.genes import is_spike_in
+    from metastem.io import unlog
+
+    spike = is_spike_in(adata.var_names)
+    if not spike.any():
+        return 0
+    X = sp.csr_matrix(adata.X) if sp.issparse(adata.X) else np.asarray(adata.X)
+    if "log1p" in adata.uns:
+        X = unlog(X, adata.uns["log1p"].get("base"))
+    total = np.asarray(X.sum(axis=1)).ravel()
+    ercc = np.asarray(X[:, spike].sum(axis=1)).ravel()
+    adata.obs[key_added] = np.divide(100 * ercc, total, out=np.zeros_like(total, dtype=float), where=total > 0)
+    adata._inplace_subset_var(~spike)
+    return int(spike.sum())
+
+
 def compute_qc_metrics(adata: ad.AnnData, species: str) -> None:
     """Add n_genes_by_counts, total_counts and pct_counts_{mt,ribo,hb} to obs (in place)."""
     import scanpy as sc
@@ -152,6 +178,11 @@ def run_qc(adata: ad.AnnData, qc: dict, *, values: str, species: str, seed: int 
         raise MetastemError(f"the input has only {adata.n_obs} cells, fewer than qc.min_cells={qc['min_cells']}",
                             fix="provide more cells, or lower qc.min_cells for this dataset in the sheet's params "
                                 f"column (e.g. qc.min_cells={max(10, adata.n_obs // 2)}; the minimum is 10)")
+    n_ercc = remove_spike_ins(adata)
+    if n_ercc:
+        notes.append(f"{n_ercc} ERCC spike-ins removed from the matrix before any metric (median "
+                     f"{np.median(adata.obs['pct_counts_ercc']):.1f}% of a cell's counts, kept as pct_counts_ercc): "
+                     "they are not counted as genes in QC, variable genes, stemness or scores")
     compute_qc_metrics(adata, species)
     obs = adata.obs
     if not gene_flags(adata.var_names, species)["mt"].any():
@@ -199,7 +230,7 @@ def run_qc(adata: ad.AnnData, qc: dict, *, values: str, species: str, seed: int 
 
     keep = ~reasons.any(axis=1).to_numpy()
     metrics = obs[[c for c in ("n_genes_by_counts", "total_counts", "pct_counts_mt", "pct_counts_ribo",
-                                "pct_counts_hb", "doublet_score") if c in obs]].copy()
+                                "pct_counts_hb", "pct_counts_ercc", "doublet_score") if c in obs]].copy()
     metrics = metrics.join(reasons).assign(kept=keep)
     n_kept = int(keep.sum())
     if n_kept < qc["min_cells"]:
@@ -227,8 +258,10 @@ def run_qc(adata: ad.AnnData, qc: dict, *, values: str, species: str, seed: int 
         "cells_out": int(adata.n_obs), "genes_out": int(adata.n_vars),
         "removed": {r: int(reasons[r].sum()) for r in REASONS},
         "removed_total": int((~keep).sum()), "thresholds": th, "doublet_threshold": doublet_threshold,
-        "notes": notes,
+        "notes": notes, "n_spike_ins_removed": n_ercc,
     }
+    if "gene_mapping" in adata.uns:   # how gene names were mapped at read time (metastem.genes), for the report
+        info["genes"] = {k: (v.item() if hasattr(v, "item") else v) for k, v in adata.uns["gene_mapping"].items()}
     for note in notes:
         log.info(note)
     return adata, metrics, info

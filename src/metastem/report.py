@@ -33,7 +33,7 @@ from metastem.io import write_text_atomic
 log = logging.getLogger(__name__)
 
 TEMPLATES = Path(__file__).parent / "templates"
-STAGES = ("qc", "cluster", "stemness", "pseudotime", "pathways")
+STAGES = ("qc", "cluster", "malignant", "stemness", "pseudotime", "pathways")
 # Tables above this many rows scroll inside a box; above MAX_TABLE_ROWS they are cut (full file on disk).
 SCROLL_ROWS = 15
 MAX_TABLE_ROWS = 500
@@ -313,6 +313,12 @@ def input_facts(qc: Mapping[str, Any]) -> list[tuple[str, str]]:
     if "cells_in" in qc:
         facts += [("Cells × genes before QC", f"{qc['cells_in']:,} × {qc['genes_in']:,}"),
                   ("Cells × genes after QC", f"{qc['cells_out']:,} × {qc['genes_out']:,}")]
+    facts.append(("Gene names", qc.get("genes", {}).get("summary")))   # metastem.genes.map_gene_names
+    if qc.get("n_spike_ins_removed"):
+        facts.append(("Spike-ins", f"{qc['n_spike_ins_removed']} ERCC controls removed before QC (share per cell "
+                                   "kept as pct_counts_ercc); not counted as genes anywhere"))
+    if src.get("log_base"):
+        facts.append(("Log base", src["log_base"]))
     return [(k, str(v)) for k, v in facts if v is not None]
 
 
@@ -346,6 +352,20 @@ def cluster_facts(info: Mapping[str, Any]) -> list[tuple[str, str]]:
     facts = [("Normalisation", info.get("normalisation")), ("Highly variable genes", info.get("n_hvg")),
              ("Principal components", info.get("n_pcs")), ("Leiden clusters", info.get("n_clusters")),
              ("kNN graph components", info.get("knn_components"))]
+    return [(k, str(v)) for k, v in facts if v is not None]
+
+
+def malignant_facts(info: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """How malignant cells were told from normal ones, and how many of each."""
+    n_mal, n_norm = info.get("n_malignant"), info.get("n_normal")
+    ref = json.loads(info.get("reference_cells_json") or "{}")
+    d = info.get("ashman_d")
+    facts = [("Evidence", {"labels": "known labels (sheet)", "cnv": "copy-number profiles (infercnvpy)",
+                           "none": "none: no normal reference, every cell kept as malignant"}.get(info.get("evidence"))),
+             ("Malignant cells", _pct(n_mal, (n_mal or 0) + (n_norm or 0)) if n_mal is not None else None),
+             ("Reference normal cells", ", ".join(f"{k}: {v}" for k, v in ref.items()) if ref else None),
+             ("Rule", info.get("rule")),
+             ("Separation of the calls (Ashman's D)", _fmt(d) if d is not None and d >= 0 else None)]
     return [(k, str(v)) for k, v in facts if v is not None]
 
 
@@ -389,7 +409,7 @@ def _fmt(value: Any) -> str | None:
     return None if value is None else _format_cell(float(value) if isinstance(value, (int, float)) else value)
 
 
-FACTS = {"cluster": cluster_facts, "stemness": stemness_facts, "pseudotime": pseudotime_facts,
+FACTS = {"cluster": cluster_facts, "malignant": malignant_facts, "stemness": stemness_facts, "pseudotime": pseudotime_facts,
          "pathways": pathways_facts}
 
 
@@ -460,7 +480,7 @@ def build_report(dataset: str, stage_files: Mapping[str, Sequence[str]], *, row:
     final = next((f for f in stage_files.get("pathways", []) if Path(f).name == "final.h5ad"), None)
     extra["stemness"] = stemness_by_label(final, row.get("labels") or None)
     sections = ["simulate"] if row.get("format") == "simulated" else []
-    sections += ["qc", "cluster", "stemness", "pseudotime", "pathways"]
+    sections += ["qc", "cluster", "malignant", "stemness", "pseudotime", "pathways"]
     summary = summarise(stages)
     return environment().get_template("report.html.j2").render(
         dataset=dataset, row=row, stages=stages, extra=extra, summary=summary,

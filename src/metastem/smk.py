@@ -10,9 +10,11 @@ import errno
 import json
 import logging
 import os
+import re
 import sys
 import time
 import traceback
+import warnings
 from pathlib import Path
 from typing import Any, Callable, NoReturn
 
@@ -39,8 +41,9 @@ def run(smk: Any, main: Callable[[Any], None]) -> None:
     _set_threads(max(1, int(smk.threads)))
     logging.basicConfig(filename=log_path, filemode="w", level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
-    logging.captureWarnings(True)
     log = logging.getLogger("metastem")
+    digest = WarningDigest(logging.getLogger("py.warnings"))   # instead of logging.captureWarnings
+    saved_showwarning, warnings.showwarning = warnings.showwarning, digest.showwarning
     t0 = time.time()
     dataset = getattr(smk.wildcards, "dataset", None)
     log.info("rule %s, dataset %s, threads %s", smk.rule, dataset, smk.threads)
@@ -61,7 +64,46 @@ def run(smk: Any, main: Callable[[Any], None]) -> None:
         sys.exit(1)
     except Exception as exc:  # unexpected: full traceback in the log, one line for the user
         _unexpected(exc, log, log_path, smk.rule, dataset)
+    finally:  # also on sys.exit
+        digest.summarise()
+        warnings.showwarning = saved_showwarning
     log.info("done in %.1f s", time.time() - t0)
+
+
+class WarningDigest:
+    """Python warnings into the log, one line per kind: the first occurrence of each (category, message
+    with digits blanked, first 80 characters) is logged with where it came from, later ones are only
+    counted, and :meth:`summarise` logs one line per kind that repeated.
+
+    Python's own once-per-location rule does not hold in a pipeline job: every ``warnings.catch_warnings``
+    block (scanpy and anndata open many) resets the registry, so pandas' ``PerformanceWarning: DataFrame
+    is highly fragmented`` filled the cluster log with hundreds of identical lines.
+    """
+
+    def __init__(self, logger: logging.Logger) -> None:
+        self.logger = logger
+        self.counts: dict[tuple[str, str], int] = {}
+
+    @staticmethod
+    def key(message: Warning | str, category: type[Warning]) -> tuple[str, str]:
+        lines = str(message).strip().splitlines()
+        return category.__name__, re.sub(r"\d+", "#", lines[0] if lines else "")[:80]
+
+    def showwarning(self, message, category, filename, lineno, file=None, line=None) -> None:
+        key = self.key(message, category)
+        n = self.counts.get(key, 0)
+        self.counts[key] = n + 1
+        if n == 0:
+            lines = str(message).strip().splitlines()
+            self.logger.warning("%s: %s (%s:%s; repeats of this warning are counted, not logged)",
+                                category.__name__, lines[0] if lines else "", filename, lineno)
+
+    def summarise(self) -> None:
+        """One line per warning kind that occurred more than once (then the counts restart)."""
+        for (category, text), n in self.counts.items():
+            if n > 1:
+                self.logger.warning("%s '%s' occurred %d times in all (logged once)", category, text, n)
+        self.counts = {k: 1 for k in self.counts}
 
 
 def _unexpected(exc: BaseException, log: logging.Logger, log_path: Path, rule: str, dataset: str | None) -> NoReturn:

@@ -23,6 +23,7 @@ def main(smk) -> None:
                                 "labels": row["labels"], "params_json": json.dumps(p)}
     info["input"] = {"path": row["path"] or "(built-in simulator)", "format": row["format"],
                      "values": row["values"], "species": row["species"], "labels": row["labels"],
+                     "log_base": filtered.uns.get("log_base_rule", ""),
                      "checksum": io.file_checksum(row["path"]) if row["path"] else f"simulated, seed {p['seed']}"}
     plots.plot_qc_metrics(cells, info["thresholds"], smk.output.figure)
     io.write_table_atomic(cells, smk.output.cells, index_label="cell")
