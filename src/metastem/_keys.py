@@ -35,6 +35,12 @@ class Obs:
     PSEUDOTIME_REACHABLE = "pseudotime_reachable"
     PATHWAY_PREFIX = "pathway_"
     STEMNESS_SET_PREFIX = "stemness_set_"
+    # stemness ingredients (issue 17): each is rank-scaled, 1 = least differentiated
+    STEMNESS_DEPTH_ADJUSTED = "stemness_depth_adjusted"
+    STEMNESS_ENTROPY = "stemness_entropy"
+    STEMNESS_PROGRAMME = "stemness_programme"
+    STEMNESS_PROLIFERATION = "stemness_proliferation"
+    STEMNESS_DIFF_SET_PREFIX = "stemness_diffset_"
 
 
 class Obsm:

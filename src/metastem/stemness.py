@@ -21,6 +21,7 @@ sparse products.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -33,6 +34,7 @@ import scipy.sparse as sp
 from scipy.optimize import nnls
 from scipy.stats import rankdata, spearmanr
 
+from metastem._keys import Obs
 from metastem.blocks import row_block, row_blocks
 from metastem.errors import MetastemError
 from metastem.genesets import gene_set_coverage, read_gmt, score_gene_sets, score_genes_matrix
@@ -71,6 +73,7 @@ CELL_CYCLE_GENES: dict[str, dict[str, list[str]]] = {
 MIN_CELL_CYCLE_GENES = 10   # fewer S or G2M genes found and phase calls are noise
 MIN_SET_GENES = 3           # smaller overlaps are not scored (2-gene scores are noise)
 DENSE_MAX_CELLS = 5000      # the dense reference holds n x n float64 matrices
+MIN_DEPTH_GROUP = 20        # smaller clusters borrow the pooled depth slope (their own is noise)
 
 
 # ----------------------------------------------------------------------------- building blocks
@@ -93,22 +96,31 @@ def gene_counts(adata: ad.AnnData, layer: str | None = None) -> np.ndarray:
     return out
 
 
-def census_log(X: sp.spmatrix | np.ndarray, n_detected: np.ndarray) -> sp.csr_matrix | np.ndarray:
-    """Un-log (expm1), rescale each cell to sum to its genes detected, then log2(1 + x).
+def log_scale(adata: ad.AnnData) -> float:
+    """Factor that turns X's log1p values into natural-log ones: ln(base) for scanpy's
+    ``uns['log1p']['base']`` (None or absent = e, factor 1; Ginhoux-style log2 data = ln 2)."""
+    base = (adata.uns.get("log1p") or {}).get("base")
+    return float(np.log(float(base))) if base is not None else 1.0
+
+
+def census_log(X: sp.spmatrix | np.ndarray, n_detected: np.ndarray, scale: float = 1.0
+               ) -> sp.csr_matrix | np.ndarray:
+    """Un-log (expm1 of ``scale`` * X), rescale each cell to sum to its genes detected, then log2(1 + x).
 
     This is the published "census-like" step: it removes depth differences while keeping the
-    relation between expression and transcriptional breadth. X is expected as natural-log values
-    (the pipeline's contract); zeros stay zeros, so sparsity is kept.
+    relation between expression and transcriptional breadth. X holds log1p values; ``scale`` =
+    ``log_scale(adata)`` turns them into natural logs (1 for the pipeline's natural-log contract);
+    zeros stay zeros, so sparsity is kept.
     """
     if sp.issparse(X):
         L = sp.csr_matrix(X, dtype=np.float32, copy=True)   # float32: one copy of X, not two
-        L.data = np.expm1(L.data)
+        L.data = np.expm1(L.data * np.float32(scale))
         sums = np.asarray(L.sum(axis=1, dtype=np.float64)).ravel()
         scale = np.divide(n_detected, sums, out=np.zeros_like(sums), where=sums > 0)
         L.data *= np.repeat(scale, np.diff(L.indptr)).astype(np.float32)
         L.data = np.log2(np.float32(1.0) + L.data)
         return L
-    E = np.expm1(np.asarray(X, dtype=np.float64))
+    E = np.expm1(np.asarray(X, dtype=np.float64) * scale)
     sums = E.sum(axis=1)
     scale = np.divide(n_detected, sums, out=np.zeros_like(sums), where=sums > 0)
     return np.log2(1.0 + E * scale[:, None])
@@ -157,8 +169,8 @@ def pearson_with(X: sp.spmatrix | np.ndarray, y: np.ndarray, *,
     return r[0] if groups is None else r
 
 
-def gene_count_signature(X: sp.spmatrix | np.ndarray, n_detected: np.ndarray, n_genes: int
-                         ) -> tuple[np.ndarray, np.ndarray]:
+def gene_count_signature(X: sp.spmatrix | np.ndarray, n_detected: np.ndarray, n_genes: int,
+                         scale: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
     """GCS: mean census-normalised log expression (``census_log`` of the log values X) of the genes most
     correlated with genes detected; returns (GCS, gene indices).
 
@@ -167,7 +179,7 @@ def gene_count_signature(X: sp.spmatrix | np.ndarray, n_detected: np.ndarray, n_
     chosen genes) rather than held whole beside X.
     """
     def census(B, rows: slice):
-        return census_log(B, n_detected[rows])
+        return census_log(B, n_detected[rows], scale)
 
     r = pearson_with(X, n_detected, transform=census)
     top = np.argsort(-np.nan_to_num(r, nan=-np.inf), kind="stable")[:min(n_genes, X.shape[1])]
@@ -255,19 +267,26 @@ def rank_rescale(v: np.ndarray) -> np.ndarray:
 
 def score_cytotrace(adata: ad.AnnData, *, n_signature_genes: int = 200, alpha: float = 0.9,
                     graph_key: str = "connectivities", key_added: str = "cytotrace",
-                    n_detected: np.ndarray | None = None) -> np.ndarray:
+                    n_detected: np.ndarray | None = None, copy: bool = False) -> np.ndarray | ad.AnnData:
     """Scalable CytoTRACE-style score on the kNN graph; writes ``obs[key_added]`` (0-1, 1 = least differentiated).
 
-    Steps: genes detected -> census-normalised log2 values -> GCS -> NNLS of the GCS on the kNN
-    Markov matrix -> diffusion -> rank-rescale. Also stores the signature genes and diagnostics in
-    ``uns[key_added]``. Returns the score. ``n_detected``: ``gene_counts(adata)`` when the caller has it
-    already (each count is a pass over X).
+    Steps (Gulati et al. 2020): genes detected -> census-normalised log2 values -> GCS -> NNLS of the
+    GCS on the kNN Markov matrix -> diffusion -> rank-rescale. Also stores the signature genes and
+    diagnostics in ``uns[key_added]``. X is un-logged with ``uns['log1p']['base']`` (None = e).
+
+    Returns the score, or the annotated copy when ``copy``. ``n_detected``: ``gene_counts(adata)``
+    when the caller has it already (each count is a pass over X).
     """
+    if copy:
+        adata = adata.copy()
+        score_cytotrace(adata, n_signature_genes=n_signature_genes, alpha=alpha, graph_key=graph_key,
+                        key_added=key_added, n_detected=n_detected)
+        return adata
     if graph_key not in adata.obsp:
         raise MetastemError(f"no kNN graph in obsp['{graph_key}'] to diffuse the gene-count signature over",
                             fix="run the cluster stage (sc.pp.neighbors) before stemness")
     n_detected = gene_counts(adata) if n_detected is None else n_detected
-    gcs, top = gene_count_signature(adata.X, n_detected, n_signature_genes)
+    gcs, top = gene_count_signature(adata.X, n_detected, n_signature_genes, log_scale(adata))
     D = markov_matrix(adata.obsp[graph_key])
     regressed = nnls_regress(D, gcs)
     smoothed, n_iter = diffuse(D, regressed, alpha)
@@ -314,8 +333,8 @@ def cytotrace_dense(adata: ad.AnnData, *, n_signature_genes: int = 200, n_variab
                             fix="use score_cytotrace (kNN graph) for large data")
     n_detected = gene_counts(adata)
     X = adata.X.toarray() if sp.issparse(adata.X) else np.asarray(adata.X)
-    L = census_log(X, n_detected)
-    gcs, _ = gene_count_signature(X, n_detected, n_signature_genes)
+    L = census_log(X, n_detected, log_scale(adata))
+    gcs, _ = gene_count_signature(X, n_detected, n_signature_genes, log_scale(adata))
     D = pearson_similarity_markov(L[:, dispersed_genes(L, n_variable_genes)])
     smoothed, _ = diffuse(D, nnls_regress(D, gcs), alpha)
     score = rank_rescale(smoothed)
@@ -390,21 +409,219 @@ def score_cell_cycle(adata: ad.AnnData, species: str, *, seed: int = 0) -> str |
     return None
 
 
-def is_low_complexity(adata: ad.AnnData, params: Mapping, n_detected: np.ndarray | None = None
+def is_low_complexity(adata: ad.AnnData, *, min_genes_for_gene_counts: int = 1000,
+                      min_median_genes_per_cell: int = 200, n_detected: np.ndarray | None = None
                       ) -> tuple[bool, str]:
     """Whether genes detected can measure transcriptional breadth here; returns (low, reason).
 
     On a targeted panel, or when cells detect very few genes, the number detected reflects panel
     design and capture depth rather than differentiation, so gene-count scores are not trusted.
     """
-    if adata.n_vars < params["min_genes_for_gene_counts"]:
+    if adata.n_vars < min_genes_for_gene_counts:
         return True, (f"only {adata.n_vars} genes measured (fewer than stemness.min_genes_for_gene_counts = "
-                      f"{params['min_genes_for_gene_counts']}; a targeted panel?)")
+                      f"{min_genes_for_gene_counts}; a targeted panel?)")
     median = float(np.median(gene_counts(adata) if n_detected is None else n_detected))
-    if median < params["min_median_genes_per_cell"]:
+    if median < min_median_genes_per_cell:
         return True, (f"median {median:.0f} genes detected per cell (fewer than stemness.min_median_genes_per_cell = "
-                      f"{params['min_median_genes_per_cell']})")
+                      f"{min_median_genes_per_cell})")
     return False, ""
+
+
+# ----------------------------------------------------------------------------- ingredients that do not share the gene-count premise
+
+def transcriptional_entropy(adata: ad.AnnData, *, key_added: str = Obs.STEMNESS_ENTROPY,
+                            copy: bool = False) -> np.ndarray | ad.AnnData:
+    """Shannon entropy of each cell's normalised expression; writes ``obs[key_added]`` (rank-scaled, 1 = highest).
+
+    Why: a multipotent cell keeps many programmes "open" at low level, a differentiated cell spends
+    its transcriptome on a few effector genes. Entropy of the expression distribution is the
+    potency measure of StemID (Grün et al., Cell Stem Cell 2016;19:266, doi:10.1016/j.stem.2016.05.010)
+    and, weighted by a protein-interaction network, of SCENT (Teschendorff & Enver, Nat Commun
+    2017;8:15599, doi:10.1038/ncomms15599). Here without a network: p_i = x_i / sum(x) over the
+    un-logged values (``uns['log1p']['base']``), H = -sum p_i ln p_i. It rises with the number of
+    genes detected too, so it is reported as a breadth-family check rather than as independent
+    evidence. Writes ``uns[key_added]`` (the raw entropies' range). Returns the raw entropy in nats
+    (or the annotated copy when ``copy``).
+    """
+    if copy:
+        adata = adata.copy()
+        transcriptional_entropy(adata, key_added=key_added)
+        return adata
+    X, scale, n = adata.X, log_scale(adata), adata.n_obs
+    H = np.zeros(n)
+    for rows in row_blocks(n):
+        B = row_block(X, rows)
+        m = rows.stop - rows.start
+        if sp.issparse(B):
+            B = sp.csr_matrix(B, dtype=np.float64, copy=True)
+            B.data = np.expm1(np.clip(B.data, 0, None) * scale)
+            sums = np.asarray(B.sum(axis=1)).ravel()
+            row_of = np.repeat(np.arange(m), np.diff(B.indptr))
+            p = np.divide(B.data, sums[row_of], out=np.zeros_like(B.data), where=sums[row_of] > 0)
+            h = np.where(p > 0, -p * np.log(np.where(p > 0, p, 1.0)), 0.0)
+            H[rows] = np.bincount(row_of, weights=h, minlength=m)
+        else:
+            E = np.expm1(np.clip(np.asarray(B, dtype=np.float64), 0, None) * scale)
+            sums = E.sum(axis=1, keepdims=True)
+            P = np.divide(E, sums, out=np.zeros_like(E), where=sums > 0)
+            H[rows] = -(P * np.log(np.where(P > 0, P, 1.0))).sum(axis=1)
+    adata.obs[key_added] = rank_rescale(H)
+    adata.uns[key_added] = {"min_nats": float(H.min()), "max_nats": float(H.max()), "log_scale": scale}
+    return H
+
+
+def depth_adjusted_gene_counts(adata: ad.AnnData, *, groupby: str = Obs.LEIDEN, total_key: str = Obs.TOTAL_COUNTS,
+                               n_detected: np.ndarray | None = None, key_added: str = Obs.STEMNESS_DEPTH_ADJUSTED,
+                               copy: bool = False) -> np.ndarray | ad.AnnData:
+    """Genes detected with the part explained by sequencing depth / cell size removed; writes
+    ``obs[key_added]`` (rank-scaled, 1 = most genes for its depth).
+
+    Why: a larger cell yields more molecules and so detects more genes whatever its potency (the
+    caveat of Gulati et al. 2020's gene-count premise). The technical relation is estimated
+    WITHIN groups (Leiden clusters: cells of one type, whose depth differences are mostly
+    technical): within each group its own slope b_k of log(genes detected) on log(total counts)
+    is removed, and the groups' mean depths are corrected with the pooled within-group slope b:
+    log(genes) - b_k (log total - group mean) - b * group mean, so differences between cell types
+    that depth does not explain remain. Groups under ``MIN_DEPTH_GROUP`` cells use b. Totals are ``obs[total_key]`` (QC's raw-count totals) when present, else the sum of
+    un-logged X (constant after depth normalisation: then b = 0 and this equals genes detected,
+    which ``uns[key_added]['note']`` says). Returns the adjusted log value (or the copy when ``copy``).
+    """
+    if copy:
+        adata = adata.copy()
+        depth_adjusted_gene_counts(adata, groupby=groupby, total_key=total_key, n_detected=n_detected,
+                                   key_added=key_added)
+        return adata
+    n_det = (gene_counts(adata) if n_detected is None else np.asarray(n_detected)).astype(float)
+    if total_key in adata.obs:
+        totals, source = adata.obs[total_key].to_numpy(dtype=float), f"obs['{total_key}']"
+    else:
+        totals, scale = np.zeros(adata.n_obs), log_scale(adata)
+        for rows in row_blocks(adata.n_obs):
+            B = row_block(adata.X, rows)
+            if sp.issparse(B):
+                B = sp.csr_matrix(B, dtype=np.float64, copy=True)
+                B.data = np.expm1(B.data * scale)
+            else:
+                B = np.expm1(np.asarray(B, dtype=np.float64) * scale)
+            totals[rows] = np.asarray(B.sum(axis=1)).ravel()
+        source = "sum of un-logged X"
+    y, x = np.log(np.maximum(n_det, 1.0)), np.log(np.maximum(totals, 1e-12))
+    codes = (adata.obs[groupby].astype("category").cat.codes.to_numpy() if groupby in adata.obs
+             else np.zeros(adata.n_obs, dtype=int))
+    k = np.bincount(codes).astype(float)
+    x_mean = np.bincount(codes, weights=x) / np.maximum(k, 1)
+    xc = x - x_mean[codes]
+    yc = y - (np.bincount(codes, weights=y) / np.maximum(k, 1))[codes]
+    sxx_k, sxy_k = np.bincount(codes, weights=xc * xc), np.bincount(codes, weights=xc * yc)
+    sxx = float(sxx_k.sum())
+    slope = float(sxy_k.sum() / sxx) if sxx > 1e-9 * max(len(x), 1) else 0.0
+    # each group's own slope removes its depth trend; groups under MIN_DEPTH_GROUP cells, or without depth
+    # spread, borrow the pooled slope, which also corrects the differences in mean depth between groups
+    own = (k >= MIN_DEPTH_GROUP) & (sxx_k > 1e-9 * np.maximum(k, 1))
+    slope_k = np.where(own, np.divide(sxy_k, sxx_k, out=np.zeros_like(sxy_k), where=own), slope)
+    adjusted = y - slope_k[codes] * xc - slope * x_mean[codes]
+    adata.obs[key_added] = rank_rescale(adjusted)
+    adata.uns[key_added] = {"slope": slope, "groupby": groupby if groupby in adata.obs else "none", "totals": source,
+                            "note": ("" if slope else "total counts do not vary within groups (normalised values): "
+                                                      "no depth adjustment, equals genes detected")}
+    return adjusted
+
+
+def score_differentiation_sets(adata: ad.AnnData, gene_sets: Mapping[str, Sequence[str]] | Sequence[str | os.PathLike],
+                               *, species: str = "human", seed: int = 0, min_genes: int = MIN_SET_GENES
+                               ) -> pd.DataFrame:
+    """Score each terminal-differentiation programme into ``obs['stemness_diffset_<NAME>']`` (scanpy
+    score_genes, fixed seed), as ``score_stemness_sets`` does for the stem programmes. Returns the
+    coverage table with ``scored``."""
+    sets = ({k: list(v) for k, v in gene_sets.items()} if isinstance(gene_sets, Mapping)
+            else load_stemness_sets(gene_sets, species))
+    present = set(map(str, adata.var_names))
+    usable = {k: v for k, v in sets.items() if sum(g in present for g in v) >= min_genes}
+    if usable:
+        score_gene_sets(adata, usable, prefix=Obs.STEMNESS_DIFF_SET_PREFIX, seed=seed)
+    cov = gene_set_coverage(sets, adata.var_names)
+    cov["scored"] = cov["set"].isin(list(usable))
+    return cov
+
+
+def programme_score(adata: ad.AnnData, *, key_added: str = Obs.STEMNESS_PROGRAMME) -> np.ndarray | None:
+    """Signed agreement with the curated programmes: the strongest stem/progenitor programme minus the
+    strongest terminal-differentiation programme, per cell; writes ``obs[key_added]`` (rank-scaled).
+
+    Why: this is Tirosh et al.'s stemness score in oligodendroglioma (Nature 2016;539:309,
+    doi:10.1038/nature20123: the stem/progenitor programme relative to the higher of the two
+    differentiation programmes), generalised to several tissues' programmes: a cell counts as
+    differentiated if ANY terminal programme is on, and differentiation genes count against
+    stemness. It rests on gene identity, not on how many genes are detected, so it does not share
+    the gene-count failure in large, transcriptionally busy differentiated cells. Reads the
+    ``stemness_set_*`` and ``stemness_diffset_*`` columns (scored first); a side with no scored set
+    contributes 0. Returns the raw score, or None when neither side was scored.
+    """
+    stem = [c for c in adata.obs if c.startswith(SET_PREFIX)]
+    diff = [c for c in adata.obs if c.startswith(Obs.STEMNESS_DIFF_SET_PREFIX)]
+    if not stem and not diff:
+        return None
+    raw = ((adata.obs[stem].to_numpy(dtype=float).max(axis=1) if stem else 0.0)
+           - (adata.obs[diff].to_numpy(dtype=float).max(axis=1) if diff else 0.0))
+    raw = np.broadcast_to(raw, (adata.n_obs,)).astype(float)
+    adata.obs[key_added] = rank_rescale(raw)
+    return raw
+
+
+def proliferation_score(adata: ad.AnnData, *, key_added: str = Obs.STEMNESS_PROLIFERATION) -> np.ndarray | None:
+    """Cycling activity: the larger of the S and G2/M scores (Tirosh et al., Science 2016 lists, from
+    ``score_cell_cycle``); writes ``obs[key_added]`` (rank-scaled). None when phase was not scored.
+
+    Why: where a tissue's stem or progenitor compartment cycles (myoblasts, basal keratinocytes,
+    crypt cells, most tumours' stem-like cells) cycling falls as cells differentiate, whatever their
+    size. It is tissue-dependent (quiescent stem cells exist), so it never decides the direction
+    alone: it joins the programmes only when the programmes overrule gene counts.
+    """
+    if "S_score" not in adata.obs or not np.isfinite(adata.obs["S_score"].to_numpy(dtype=float)).all():
+        return None
+    raw = np.maximum(adata.obs["S_score"].to_numpy(dtype=float), adata.obs["G2M_score"].to_numpy(dtype=float))
+    adata.obs[key_added] = rank_rescale(raw)
+    return raw
+
+
+def combine_stemness(breadth: np.ndarray, programme: np.ndarray | None, proliferation: np.ndarray | None,
+                     *, min_agreement: float = 0.3) -> tuple[np.ndarray, dict[str, Any]]:
+    """The combination rule, fixed in advance (issue 17); returns (score 0-1, verdict).
+
+    1. No curated programme measurable: the score is the breadth score (CytoTRACE-style);
+       direction ``'unconfirmed'`` (nothing independent to check it against).
+    2. rho = Spearman(breadth, programme) across cells. rho >= ``min_agreement``: the two independent
+       kinds of evidence point the same way; the score is the breadth score (the published method,
+       best where its premise holds); direction ``'supported'``.
+    3. rho < ``min_agreement``: they disagree. Gene counts are the signal with a known confound
+       (large, transcriptionally busy differentiated cells detect more genes), so the score follows
+       the evidence that does not count genes: the mean rank of the programme and proliferation
+       (when scored); direction ``'uncertain'``, and the reason says why.
+
+    Spearman across cells is a descriptive agreement (cells are not independent replicates), not a
+    test. The threshold is one fixed number for every dataset (schema default 0.3, "moderate").
+    """
+    if programme is None or np.ptp(programme) == 0:
+        return rank_rescale(breadth), {
+            "direction": "unconfirmed", "source": "cytotrace", "agreement": None,
+            "reason": "no curated stem or differentiation programme could be scored in these genes, so nothing "
+                      "independent of gene counts checks the direction of the CytoTRACE-style score"}
+    rho = _spearman(breadth, programme)
+    rho = 0.0 if rho is None else rho
+    if rho >= min_agreement:
+        return rank_rescale(breadth), {
+            "direction": "supported", "source": "cytotrace", "agreement": rho,
+            "reason": (f"the CytoTRACE-style score and the curated stem-minus-differentiation programmes agree "
+                       f"(Spearman {rho:+.2f} across cells, at least stemness.min_agreement = {min_agreement:g})")}
+    parts = [rank_rescale(programme)] + ([rank_rescale(proliferation)] if proliferation is not None
+                                         and np.ptp(proliferation) > 0 else [])
+    used = "programmes and proliferation" if len(parts) == 2 else "programmes"
+    return rank_rescale(np.mean(parts, axis=0)), {
+        "direction": "uncertain", "source": f"identity ({used})", "agreement": rho,
+        "reason": (f"the CytoTRACE-style score (genes detected) and the curated stem-minus-differentiation programmes "
+                   f"disagree (Spearman {rho:+.2f} across cells, below stemness.min_agreement = {min_agreement:g}). "
+                   "Gene counts run backwards where differentiated cells are large or transcriptionally busy, so the "
+                   f"score follows the {used}, which do not count genes; which end is the stem end is not certain")}
 
 
 # ----------------------------------------------------------------------------- the stage
@@ -418,66 +635,153 @@ def _spearman(a: np.ndarray, b: np.ndarray) -> float | None:
     return float(spearmanr(a[ok], b[ok])[0])
 
 
-def score_stemness(adata: ad.AnnData, params: Mapping, *, species: str, seed: int = 0,
-                   gene_sets: Mapping[str, Sequence[str]] | None = None) -> dict:
-    """Run every stemness score and set ``obs['stemness']`` and ``obs['csc_like']``; returns the info dict.
+INGREDIENTS = {  # obs column -> what it is (for the info file and the report)
+    Obs.STEMNESS_CYTOTRACE: "CytoTRACE-style (gene-count signature, diffused)",
+    Obs.STEMNESS_GENE_COUNTS: "genes detected (baseline)",
+    Obs.STEMNESS_DEPTH_ADJUSTED: "genes detected adjusted for depth within clusters",
+    Obs.STEMNESS_ENTROPY: "transcriptional entropy",
+    Obs.STEMNESS_PROGRAMME: "curated stem minus differentiation programmes",
+    Obs.STEMNESS_PROLIFERATION: "proliferation (S / G2M)",
+}
+METHODS = ("consensus", "cytotrace", "gene_sets", "gene_counts")
 
-    ``params`` is the resolved ``stemness`` config section. ``obs['stemness']`` (0-1, high = less
-    differentiated) comes from ``params['method']``, except on low-complexity data where the gene
-    signature replaces gene-count-based scores, with a note. ``csc_like`` marks cells whose stemness
-    is at or above the ``csc_quantile`` quantile: with rank-scaled scores, the top
-    (1 - csc_quantile) fraction of cells (ties included), a relative call within the sample.
+
+def score_stemness(adata: ad.AnnData, *, species: str = "human", method: str = "consensus",
+                   gene_sets: Mapping[str, Sequence[str]] | Sequence[str] = ("metastem:stemness_{species}.gmt",),
+                   differentiation_sets: Mapping[str, Sequence[str]] | Sequence[str] = (
+                       "metastem:stemness_differentiation_{species}.gmt",),
+                   n_signature_genes: int = 200, n_variable_genes: int = 1000, diffusion_alpha: float = 0.9,
+                   csc_quantile: float = 0.9, min_genes_for_gene_counts: int = 1000,
+                   min_median_genes_per_cell: int = 200, min_agreement: float = 0.3, required: bool = True,
+                   seed: int = 0, key_added: str = Obs.STEMNESS, copy: bool = False) -> dict | ad.AnnData:
+    """Every stemness ingredient, the combined score and how sure it is.
+
+    Writes (obs, each 0-1 with 1 = least differentiated unless said otherwise):
+    ``stemness`` (= ``key_added``, the final score), ``stemness_cytotrace``, ``stemness_gene_counts``
+    (raw count), ``stemness_depth_adjusted``, ``stemness_entropy``, ``stemness_programme``,
+    ``stemness_proliferation`` (when phase was scored), ``stemness_signature`` and
+    ``stemness_set_<NAME>`` / ``stemness_diffset_<NAME>`` (raw set scores), ``S_score``,
+    ``G2M_score``, ``phase`` and ``csc_like`` (stemness at or above its ``csc_quantile`` quantile: a
+    relative call within the sample, to be replaced by the per-sample malignant-cell call).
+    ``uns[key_added]``: ``params_json``, ``info_json``, ``direction``, ``method_used``.
+
+    ``method='consensus'`` (default) applies ``combine_stemness``: the CytoTRACE-style score where
+    the curated programmes agree with it, the programme/proliferation evidence where they do not
+    (direction ``'uncertain'``). ``'cytotrace'``, ``'gene_sets'`` and ``'gene_counts'`` force one
+    source; the direction verdict is computed the same way for every method. On low-complexity
+    data (panels) the stem signature replaces gene-count scores, with a note. Where no score can be
+    computed the data are refused with one line, unless ``required=False``: then stemness is NaN,
+    nothing is CSC-like and the info says so (``status='not_computed'``).
+
+    Keyword defaults equal the config schema's ``stemness`` section. Returns the info dict (what the
+    stage writes to info.json), or the annotated copy when ``copy``.
     """
+    if copy:
+        adata = adata.copy()
+        score_stemness(**{**locals(), "copy": False})
+        return adata
+    if method not in METHODS:
+        raise MetastemError(f"stemness.method '{method}' is not one of {', '.join(METHODS)}",
+                            fix="set stemness.method to consensus (default), cytotrace, gene_sets or gene_counts")
+    params = {"method": method, "gene_sets": gene_sets if isinstance(gene_sets, Mapping) else list(gene_sets),
+              "differentiation_sets": (differentiation_sets if isinstance(differentiation_sets, Mapping)
+                                       else list(differentiation_sets)),
+              "n_signature_genes": n_signature_genes, "n_variable_genes": n_variable_genes,
+              "diffusion_alpha": diffusion_alpha, "csc_quantile": csc_quantile,
+              "min_genes_for_gene_counts": min_genes_for_gene_counts,
+              "min_median_genes_per_cell": min_median_genes_per_cell, "min_agreement": min_agreement,
+              "required": required}
     notes: list[str] = []
+    obs = adata.obs
     n_detected = gene_counts(adata)
-    adata.obs["stemness_gene_counts"] = n_detected
-    score_cytotrace(adata, n_signature_genes=params["n_signature_genes"], alpha=params["diffusion_alpha"],
-                    key_added="stemness_cytotrace", n_detected=n_detected)
-    coverage = score_stemness_sets(adata, gene_sets if gene_sets is not None else params["gene_sets"],
-                                   species=species, seed=seed)
+    obs[Obs.STEMNESS_GENE_COUNTS] = n_detected
+    score_cytotrace(adata, n_signature_genes=n_signature_genes, alpha=diffusion_alpha,
+                    key_added=Obs.STEMNESS_CYTOTRACE, n_detected=n_detected)
+    depth_adjusted_gene_counts(adata, n_detected=n_detected)
+    transcriptional_entropy(adata)
+    coverage = score_stemness_sets(adata, gene_sets, species=species, seed=seed).assign(role="stem")
+    diff_cov = score_differentiation_sets(adata, differentiation_sets, species=species, seed=seed)
+    coverage = pd.concat([coverage, diff_cov.assign(role="differentiation")], ignore_index=True)
     cc_note = score_cell_cycle(adata, species, seed=seed)
     if cc_note:
         notes.append(cc_note)
-    has_signature = "stemness_signature" in adata.obs
-    low, reason = is_low_complexity(adata, params, n_detected)
-    requested = params["method"]
-    used = requested
-    if low and requested != "gene_sets":
-        if not has_signature:
-            raise MetastemError(f"low-complexity data ({reason}) and no stemness gene set has {MIN_SET_GENES} genes in it, "
-                                "so no stemness score is meaningful",
-                                fix="add a GMT of stemness genes measured by this panel to stemness.gene_sets")
+    programme = programme_score(adata)
+    proliferation = proliferation_score(adata)
+    has_signature = Obs.STEMNESS_SIGNATURE in obs
+    low, reason = is_low_complexity(adata, min_genes_for_gene_counts=min_genes_for_gene_counts,
+                                    min_median_genes_per_cell=min_median_genes_per_cell, n_detected=n_detected)
+    combined, verdict = combine_stemness(obs[Obs.STEMNESS_CYTOTRACE].to_numpy(), programme, proliferation,
+                                         min_agreement=min_agreement)
+    used, refusal = method, None
+    if low and method != "gene_sets":
         used = "gene_sets"
-        notes.append(f"low-complexity data: {reason}. Stemness uses the stemness signature score instead of "
-                     f"'{requested}', because the number of genes detected does not measure transcriptional breadth here")
+        if has_signature:
+            notes.append(f"low-complexity data: {reason}. Stemness uses the stemness signature score instead of "
+                         f"'{method}', because the number of genes detected does not measure transcriptional breadth here")
+        verdict = {"direction": "unconfirmed", "source": "stem signature", "agreement": verdict["agreement"],
+                   "reason": f"low-complexity data ({reason}): gene counts cannot check the curated signature"}
     if used == "gene_sets" and not has_signature:
-        raise MetastemError(f"stemness.method is 'gene_sets' but no stemness set has {MIN_SET_GENES} genes in the data",
-                            fix="use method cytotrace, or give GMT files matching this species in stemness.gene_sets")
-    source = {"cytotrace": adata.obs["stemness_cytotrace"].to_numpy(),
-              "gene_counts": rank_rescale(n_detected.astype(float)),
-              "gene_sets": adata.obs["stemness_signature"].to_numpy() if has_signature else None}[used]
-    adata.obs["stemness"] = source
-    threshold = float(np.quantile(source, params["csc_quantile"]))
-    adata.obs["csc_like"] = source >= threshold
+        refusal = (f"low-complexity data ({reason}) and no stemness gene set has {MIN_SET_GENES} genes in it, so no "
+                   "stemness score is meaningful" if low else
+                   f"stemness.method is 'gene_sets' but no stemness set has {MIN_SET_GENES} genes in the data")
+        if required:
+            raise MetastemError(refusal, fix=("add a GMT of stemness genes measured by this panel to stemness.gene_sets, "
+                                              "or set stemness.required: false to continue without stemness"))
+    if refusal is not None:
+        final = np.full(adata.n_obs, np.nan)
+        notes.append(f"stemness not computed: {refusal}. stemness.required is false, so the run goes on: no cell is "
+                     "CSC-like, and stages that need stemness (pseudotime root 'auto') need pseudotime.root set from "
+                     "labels ('label:<value>') or a cluster")
+        verdict = {"direction": "not computed", "source": "none", "agreement": None, "reason": refusal}
+    else:
+        final = {"consensus": combined, "cytotrace": obs[Obs.STEMNESS_CYTOTRACE].to_numpy(),
+                 "gene_counts": rank_rescale(n_detected.astype(float)),
+                 "gene_sets": obs[Obs.STEMNESS_SIGNATURE].to_numpy() if has_signature else None}[used]
+        if used != "consensus" and not low:
+            verdict = dict(verdict, source=used)
+    obs[key_added] = final
+    if refusal is None:
+        threshold = float(np.quantile(final, csc_quantile))
+        obs[Obs.CSC_LIKE] = final >= threshold
+    else:
+        threshold = None
+        obs[Obs.CSC_LIKE] = False
+    if verdict["direction"] == "uncertain":
+        notes.append(f"direction uncertain: {verdict['reason']}. CSC-like calls and the automatic pseudotime root "
+                     "follow this score; if the stem-like population is known, set it from labels "
+                     "(pseudotime.root: 'label:<value>')")
     for note in notes:
         log.info(note)
-    obs = adata.obs
-    return {
-        "method_requested": requested, "method_used": used, "low_complexity": low,
+    ingredients = [c for c in INGREDIENTS if c in obs]
+    sets = [c for c in obs if c.startswith((SET_PREFIX, Obs.STEMNESS_DIFF_SET_PREFIX))]
+    info = {
+        "status": "computed" if refusal is None else "not_computed",
+        "method_requested": method, "method_used": used, "low_complexity": low,
         "low_complexity_reason": reason or None, "csc_threshold": threshold,
-        "n_csc_like": int(obs["csc_like"].sum()), "n_cells": int(adata.n_obs),
+        "direction": verdict["direction"], "direction_reason": verdict["reason"], "score_source": verdict["source"],
+        "agreement_cytotrace_vs_programme": verdict["agreement"], "min_agreement": min_agreement,
+        "n_csc_like": int(obs[Obs.CSC_LIKE].sum()), "n_cells": int(adata.n_obs),
         "median_genes_detected": float(np.median(n_detected)),
+        "depth_slope": adata.uns[Obs.STEMNESS_DEPTH_ADJUSTED]["slope"],
         "correlations": {
-            "stemness_vs_gene_counts": _spearman(obs["stemness"], n_detected),
-            "stemness_vs_S_score": _spearman(obs["stemness"], obs["S_score"]),
-            "stemness_vs_G2M_score": _spearman(obs["stemness"], obs["G2M_score"]),
-            "cytotrace_vs_signature": (_spearman(obs["stemness_cytotrace"], obs["stemness_signature"])
+            "stemness_vs_gene_counts": _spearman(final, n_detected),
+            "stemness_vs_S_score": _spearman(final, obs["S_score"]),
+            "stemness_vs_G2M_score": _spearman(final, obs["G2M_score"]),
+            "cytotrace_vs_signature": (_spearman(obs[Obs.STEMNESS_CYTOTRACE], obs[Obs.STEMNESS_SIGNATURE])
                                        if has_signature else None),
         },
-        "signature_genes": adata.uns["stemness_cytotrace"]["signature_genes"],
+        # confidence: the final score against each ingredient and each curated programme (Spearman, cells)
+        "stemness_vs_ingredient": {c: _spearman(final, obs[c]) for c in ingredients},
+        "cytotrace_vs_ingredient": {c: _spearman(obs[Obs.STEMNESS_CYTOTRACE], obs[c]) for c in ingredients},
+        "stemness_vs_programme_set": {c: _spearman(final, obs[c]) for c in sets},
+        "signature_genes": adata.uns[Obs.STEMNESS_CYTOTRACE]["signature_genes"],
         "gene_set_coverage": coverage.to_dict("records"),
-        "params": dict(params), "notes": notes,
+        "params": {k: v for k, v in params.items() if not isinstance(v, Mapping)}, "notes": notes,
     }
+    adata.uns[key_added] = {"params_json": json.dumps(info["params"]), "info_json": json.dumps(
+        {k: v for k, v in info.items() if k != "gene_set_coverage"}), "direction": info["direction"],
+        "method_used": used}
+    return info
 
 
 def stemness_gene_correlations(adata: ad.AnnData, n: int = 25, key: str = "stemness") -> pd.DataFrame:

@@ -86,7 +86,8 @@ def gene_set_files(stage: str):
     def fn(wildcards) -> list[str]:
         p = PARAMS[wildcards.dataset][stage]
         species = SHEET.loc[wildcards.dataset, "species"]
-        return resolve_gene_sets(p["gene_sets"] + p.get("extra_gene_sets", []), species)
+        sets = p["gene_sets"] + p.get("extra_gene_sets", []) + p.get("differentiation_sets", [])
+        return resolve_gene_sets(sets, species)
 
     return fn
 
