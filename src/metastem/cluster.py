@@ -112,15 +112,31 @@ def build_graph(adata: ad.AnnData, params: dict, seed: int = 0) -> list[str]:
 
     Every random step gets ``seed``. From 4096 cells on, scanpy finds neighbours with pynndescent
     (which must be < 0.7 for scanpy 1.11, see pyproject.toml).
+
+    With several samples in ``obs[params['batch_key']]`` and ``params['integration'] == 'harmony'`` (the
+    default), genes are chosen across samples (``integration.highly_variable_genes_batch``) and the kNN
+    graph is built on Harmony-corrected PCs (``obsm['X_pca_harmony']``), so that the graph shared by
+    clustering, stemness diffusion and pseudotime links like cells of different patients. With one sample
+    nothing changes.
     """
     import scanpy as sc
+
+    from metastem import integration
 
     notes = []
     if adata.n_obs < 3:
         raise MetastemError(f"only {adata.n_obs} cells reach clustering", fix="provide more cells, or relax the QC thresholds for this dataset")
+    batch_key = params.get("batch_key", "sample")
+    n_batches = integration.n_samples(adata, batch_key)
+    integrate = params.get("integration", "harmony") == "harmony" and n_batches > 1
+    if params.get("integration", "harmony") == "harmony" and batch_key not in adata.obs:
+        notes.append(f"cluster.batch_key '{batch_key}' is not an obs column: no integration")
     n_top = min(params["n_top_genes"], adata.n_vars)
     try:
-        highly_variable_genes_seurat(adata, n_top)
+        if integrate:
+            integration.highly_variable_genes_batch(adata, n_top, batch_key=batch_key)
+        else:
+            highly_variable_genes_seurat(adata, n_top)
     except (ValueError, IndexError) as exc:  # degenerate dispersions (e.g. constant genes)
         adata.var["highly_variable"] = np.asarray((adata.X.max(axis=0) > 0).todense()).ravel() \
             if hasattr(adata.X, "todense") else (np.asarray(adata.X).max(axis=0) > 0)
@@ -133,11 +149,18 @@ def build_graph(adata: ad.AnnData, params: dict, seed: int = 0) -> list[str]:
     if n_pcs < params["n_pcs"]:
         notes.append(f"n_pcs reduced to {n_pcs} (data has {adata.n_obs} cells, {n_hvg} variable genes)")
     sc.pp.pca(adata, n_comps=n_pcs, mask_var="highly_variable", svd_solver="arpack", random_state=seed)
+    use_rep = "X_pca"
+    if integrate:
+        integration.harmony(adata, batch_key=batch_key, theta=params.get("harmony_theta", 2.0),
+                            max_iter=params.get("harmony_max_iter", 10), seed=seed)
+        use_rep = integration.HARMONY_KEY
+        notes.append(f"{n_batches} samples ('{batch_key}'): genes chosen across samples and the kNN graph built "
+                     f"on Harmony-corrected PCs (theta {params.get('harmony_theta', 2.0):g})")
     n_neighbors = min(params["n_neighbors"], adata.n_obs - 1)
     if n_neighbors < params["n_neighbors"]:
         notes.append(f"n_neighbors reduced to {n_neighbors} ({adata.n_obs} cells)")
     with graph_only_nndescent():
-        sc.pp.neighbors(adata, n_neighbors=n_neighbors, n_pcs=n_pcs, random_state=seed)
+        sc.pp.neighbors(adata, n_neighbors=n_neighbors, n_pcs=n_pcs, use_rep=use_rep, random_state=seed)
     n_comp, labels = connected_components(adata.obsp["connectivities"], directed=False)
     # components numbered by size (largest = '0'), so the labels do not depend on cell order
     sizes = np.bincount(labels)

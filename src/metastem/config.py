@@ -19,7 +19,14 @@ from jsonschema import Draft202012Validator, validators
 from metastem.errors import MetastemError
 
 SHEET_COLUMNS = ["dataset", "path", "format", "orientation", "species", "values", "log_base", "labels", "params"]
-OVERRIDABLE = ("simulate", "qc", "cluster", "stemness", "pseudotime", "pathways")
+# Sample columns (issue 15): rows sharing a dataset id are its samples, one input each, or `sample_key`
+# names an obs column of one input. SAMPLE_FIELDS may differ between the rows of one dataset; every
+# other column is the dataset's and must agree. SAMPLE_METADATA travel into obs.
+SAMPLE_COLUMNS = ["sample", "sample_key", "patient", "condition", "site"]
+SHEET_COLUMNS += SAMPLE_COLUMNS
+SAMPLE_METADATA = ("patient", "condition", "site")
+SAMPLE_FIELDS = ("sample", "path", "format", "orientation", *SAMPLE_METADATA)
+OVERRIDABLE = ("simulate", "qc", "cluster", "malignant", "stemness", "pseudotime", "pathways")
 # Folders of OUTDIR that are not datasets: a dataset with one of these ids would share them.
 RESERVED_IDS = ("logs", "benchmarks")
 _HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
@@ -228,20 +235,68 @@ def _read_sheet(path: str, schema: dict) -> tuple[pd.DataFrame, list[str]]:
             rec["path"] = ""
         rec["_line"] = i
         rows.append(rec)
-    seen: dict[str, int] = {}
-    keep = []
-    for rec in rows:
-        key = rec["dataset"].lower()  # case-insensitive file systems would merge 'A' and 'a'
-        if key in seen:
-            problems.append(_row_problem(rec["dataset"], f"{path} line {rec['_line']}",
-                                         f"duplicate dataset id (also on line {seen[key]})",
-                                         "give every dataset a unique id (ids differing only in case count as equal)"))
-            continue
-        seen[key] = rec["_line"]
-        keep.append(rec)
-    sheet = pd.DataFrame(keep, columns=SHEET_COLUMNS).set_index("dataset", drop=False)
+    keep, more = _group_samples(rows, path)
+    problems += more
+    sheet = pd.DataFrame(keep, columns=SHEET_COLUMNS + ["samples"]).set_index("dataset", drop=False)
     sheet.index.name = None
     return sheet, problems
+
+
+def _sample_entry(rec: dict) -> dict:
+    return {k: rec.get(k, "") for k in SAMPLE_FIELDS}
+
+
+def _group_samples(rows: list[dict], path: str) -> tuple[list[dict], list[str]]:
+    """One record per dataset, with ``samples``: a list of {sample, path, format, orientation, patient,
+    condition, site} (one per sheet row). Rows sharing an id are samples of one dataset when every one
+    names a distinct ``sample``; they must then agree on every dataset-level column. One line per problem.
+    """
+    groups: dict[str, list[dict]] = {}
+    for rec in rows:  # case-insensitive: file systems that ignore case would merge 'A' and 'a'
+        groups.setdefault(rec["dataset"].lower(), []).append(rec)
+    keep, problems = [], []
+    for recs in groups.values():
+        first, ds = recs[0], recs[0]["dataset"]
+        where = f"{path} line {first['_line']}"
+        if len(recs) == 1:
+            if first.get("sample_key") and first.get("sample"):
+                problems.append(_row_problem(ds, where, "both 'sample' and 'sample_key' are filled",
+                                             "leave 'sample' empty when 'sample_key' names the obs column of samples"))
+                continue
+            keep.append({**first, "samples": [_sample_entry(first)]})
+            continue
+        lines = ", ".join(str(r["_line"]) for r in recs)
+        bad = []
+        unnamed = [r["_line"] for r in recs if not r.get("sample")]
+        if unnamed:
+            bad.append((f"duplicate dataset id (lines {lines}; ids differing only in case count as equal) and "
+                        f"line(s) {', '.join(map(str, unnamed))} name no 'sample'",
+                        "give every dataset a unique id, or fill the 'sample' column of each row to combine "
+                        "the rows as samples of one dataset"))
+            problems += [_row_problem(ds, where, problem, fix) for problem, fix in bad]
+            continue
+        names = [r.get("sample", "").lower() for r in recs if r.get("sample")]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            bad.append((f"sample(s) {', '.join(map(repr, dup))} appear twice among the rows of this dataset "
+                        f"(lines {lines}; case is ignored)", "give every row of a dataset a distinct sample"))
+        if any(r.get("sample_key") for r in recs):
+            bad.append(("'sample_key' is filled on a dataset of several rows", "use either one row per sample "
+                        "(the 'sample' column) or one input with a 'sample_key' obs column, not both"))
+        if any(r["format"] == "simulated" for r in recs):
+            bad.append(("a simulated dataset has several rows", "keep one row per simulated dataset"))
+        shared = [c for c in first if c not in SAMPLE_FIELDS and not c.startswith("_")]
+        for col in shared:
+            values = {r.get(col, "") for r in recs}
+            if len(values) > 1:
+                seen = ", ".join(f"line {r['_line']}: {r.get(col) or 'empty'}" for r in recs)
+                bad.append((f"its rows disagree on '{col}' ({seen})",
+                            f"write the same '{col}' on every row of the dataset (it applies to all its samples)"))
+        if bad:
+            problems += [_row_problem(ds, where, problem, fix) for problem, fix in bad]
+            continue
+        keep.append({**first, "samples": [_sample_entry(r) for r in recs]})
+    return keep, problems
 
 
 def read_sheet(path: str | os.PathLike, schema: dict) -> pd.DataFrame:
@@ -370,11 +425,20 @@ def _content_problem(path: str, fmt: str) -> tuple[str, str] | None:
     return None
 
 
+def _sample_records(sheet: pd.DataFrame) -> list[dict]:
+    """One record per input file: each sample of each dataset (a sheet without 'samples' as it is)."""
+    out = []
+    for rec in sheet.to_dict("records"):
+        samples = rec.get("samples")
+        out += [{**rec, **s} for s in samples] if isinstance(samples, list) and samples else [rec]
+    return out
+
+
 def check_inputs(sheet: pd.DataFrame) -> list[str]:
     """Problems with the inputs of every dataset at once: missing, unreadable, empty, wrong format,
     incomplete 10x folder, header-only text, zero-sized matrix. One line per dataset."""
     problems = []
-    for rec in sheet.to_dict("records"):
+    for rec in _sample_records(sheet):
         ds, path, fmt = rec["dataset"], rec["path"], rec["format"]
         if fmt == "simulated":
             continue

@@ -20,6 +20,7 @@ import scipy.sparse as sp
 
 from metastem._timing import step as _step
 from metastem import genes
+from metastem._keys import Obs, Uns
 from metastem.errors import MetastemError
 
 log = logging.getLogger(__name__)
@@ -497,10 +498,35 @@ def prepare(adata: ad.AnnData, *, values: str = "counts", species: str = "human"
 
 @_step("read input (incl. checks and gene names)")
 def read_dataset(row: dict, params: dict) -> ad.AnnData:
-    """Read one sheet row into a validated AnnData, whatever its format (the workflow's adapter of :func:`read`)."""
+    """Read one dataset (every sample of it) into a validated AnnData, whatever its format (the workflow's
+    adapter of :func:`read`).
+
+    A dataset of several sheet rows (``row['samples']``, one input each) is read sample by sample, each
+    checked on its own, and concatenated: barcodes become ``<sample>_<barcode>`` (two Cell Ranger runs
+    reuse the same barcodes), genes are those every sample measures (``uns['samples_note']`` says how many
+    were dropped). With ``row['sample_key']`` the samples come from that obs column of the one input.
+    Afterwards ``obs['sample']`` (categorical) always exists: a one-sample dataset has one sample, named by
+    the sheet's ``sample`` column or else the dataset id. The sheet's ``patient``, ``condition`` and
+    ``site`` of each sample are copied to obs columns of those names when given.
+    """
+    samples = row.get("samples") or [{k: row.get(k, "") for k in ("sample", "path", "format", "orientation")}]
+    parts = [_read_sample(row, s, params) for s in samples]
+    if len(parts) == 1:
+        adata = parts[0]
+    else:
+        try:
+            adata = _concat_samples(parts, [s["sample"] for s in samples])
+        except MetastemError as err:
+            raise err.with_context(dataset=row["dataset"], file=", ".join(s["path"] for s in samples))
+    _set_samples(adata, row, samples)
+    return adata
+
+
+def _read_sample(row: dict, sample: dict, params: dict) -> ad.AnnData:
+    """One input file (or the simulator), read and checked: one sample of a dataset, or all of it."""
     from metastem.simulate import simulate_tumour
 
-    fmt, path = row["format"], row["path"]
+    fmt, path = sample["format"], sample["path"]
     try:
         if fmt == "simulated":
             sim = params["simulate"]
@@ -508,11 +534,72 @@ def read_dataset(row: dict, params: dict) -> ad.AnnData:
             adata = prepare(adata, values=row["values"], species=row["species"], fmt=fmt,
                             log_base=row.get("log_base") or None, labels=row.get("labels") or None)
         else:
-            adata = read(path, fmt, row["values"], row["species"], orientation=row.get("orientation", ""),
+            adata = read(path, fmt, row["values"], row["species"], orientation=sample.get("orientation", ""),
                          log_base=row.get("log_base") or None, labels=row.get("labels") or None)
+        key = row.get("sample_key")
+        if key:
+            if key not in adata.obs.columns:
+                raise MetastemError(f"sample_key column '{key}' is not in obs (has: {', '.join(map(str, adata.obs.columns[:10])) or 'none'})",
+                                    fix="name the obs column that holds each cell's sample, or leave sample_key empty")
+            blank = adata.obs[key].isna().to_numpy() | (adata.obs[key].astype(str).str.strip() == "").to_numpy()
+            if blank.any():
+                raise MetastemError(f"sample_key column '{key}' is empty for {int(blank.sum())} cells",
+                                    fix="give every cell a sample, or remove the cells without one")
     except MetastemError as err:
         raise err.with_context(dataset=row["dataset"], file=path or "(simulated)")
     return adata
+
+
+def _concat_samples(parts: list[ad.AnnData], names: list[str]) -> ad.AnnData:
+    """Samples stacked as rows, barcodes prefixed with the sample, genes every sample measures."""
+    common = parts[0].var_names
+    for a in parts[1:]:
+        common = common.intersection(a.var_names, sort=False)
+    if len(common) == 0:
+        raise MetastemError("the samples share no gene name",
+                            fix="use inputs quantified against the same reference (same gene symbols)")
+    bases = {str(a.uns.get(Uns.LOG1P, {}).get("base")) for a in parts}
+    if len(bases) > 1:
+        raise MetastemError(f"the samples' log values have different bases ({', '.join(sorted(bases))})",
+                            fix="set the sheet's log_base for the dataset, or give every sample in the same units")
+    union = set().union(*(set(a.var_names) for a in parts))
+    X = sp.vstack([sp.csr_matrix(a[:, common].X) for a in parts], format="csr")
+    obs = pd.concat([a.obs.set_axis(pd.Index([f"{n}_{b}" for b in a.obs_names]), axis=0)
+                     for a, n in zip(parts, names)], axis=0, join="outer")
+    for col in obs.columns:  # text columns (perhaps missing in a sample) as categories: h5ad-writable
+        if obs[col].dtype == object:
+            obs[col] = pd.Categorical(obs[col].where(obs[col].isna(), obs[col].astype(str)))
+    out = ad.AnnData(X=X, obs=obs, var=parts[0].var.loc[common].copy(), uns=dict(parts[0].uns))
+    out.obs[Obs.SAMPLE] = pd.Categorical(np.repeat(names, [a.n_obs for a in parts]), categories=list(names))
+    if len(union) > len(common):
+        out.uns["samples_note"] = (f"{len(union) - len(common)} of {len(union)} genes are missing from at least "
+                                   f"one sample and were dropped; {len(common)} genes measured in every sample are kept")
+        log.warning(out.uns["samples_note"])
+    return out
+
+
+def _set_samples(adata: ad.AnnData, row: dict, samples: list[dict]) -> None:
+    """``obs['sample']`` (categorical) and the per-sample metadata columns of the sheet."""
+    key = row.get("sample_key")
+    if len(samples) == 1:
+        if key:
+            values = adata.obs[key].astype(str)
+        elif adata.uns.get("simulation") is not None and Obs.SAMPLE in adata.obs:  # the simulator's patients
+            values = adata.obs[Obs.SAMPLE].astype(str)
+        else:
+            if Obs.SAMPLE in adata.obs:  # the input's own column would be overwritten: keep it beside
+                adata.obs["input_sample"] = adata.obs[Obs.SAMPLE]
+                log.warning("obs column 'sample' of the input kept as 'input_sample' (set sample_key to use it)")
+            values = pd.Series(samples[0].get("sample") or row["dataset"], index=adata.obs_names)
+        adata.obs[Obs.SAMPLE] = pd.Categorical(values.to_numpy(), categories=sorted(pd.unique(values)))
+    for col in ("patient", "condition", "site"):
+        given = [s.get(col, "") for s in samples]
+        if any(given):
+            if len(samples) > 1:
+                vals = adata.obs[Obs.SAMPLE].map(dict(zip([s["sample"] for s in samples], given))).astype(str)
+            else:
+                vals = pd.Series(given[0], index=adata.obs_names)
+            adata.obs[col] = pd.Categorical(vals.replace("", "unknown").to_numpy())
 
 
 def _clear_stale_temps(path: Path) -> None:

@@ -110,3 +110,41 @@ def plot_clusters(xy: np.ndarray, leiden: pd.Series, path: str | os.PathLike, la
     if labels is not None:
         scatter_embedding(axes[1], xy, labels.astype("category"), f"Known labels ({labels.name})")
     save(fig, path)
+
+
+def plot_qc_metrics_by_sample(cells: pd.DataFrame, per_sample: dict, path: str | os.PathLike) -> None:
+    """QC histograms with one row of panels per sample, each with that sample's own thresholds (MAD
+    thresholds are computed per sample, so one set of lines over pooled cells would mislead)."""
+    apply_style()
+    metrics = [("total_counts", "Total counts per cell", True), ("n_genes_by_counts", "Genes detected per cell", True),
+               ("pct_counts_mt", "% mitochondrial counts", False), ("doublet_score", "Scrublet doublet score", False)]
+    metrics = [m for m in metrics if m[0] in cells and cells[m[0]].notna().any()]
+    names = list(per_sample)
+    fig, axes = plt.subplots(len(names), len(metrics), figsize=(3.0 * len(metrics), 1.9 * len(names) + 0.6),
+                             squeeze=False, sharex="col")
+    for r, name in enumerate(names):
+        sub = cells[cells["sample"].astype(str) == str(name)]
+        part = per_sample[name]
+        thresholds = dict(part.get("thresholds") or {})
+        if part.get("doublet_threshold") is not None:
+            thresholds["doublet_score"] = {"low": None, "high": part["doublet_threshold"]}
+        for c, (col, label, logx) in enumerate(metrics):
+            ax = axes[r, c]
+            x = sub[col].to_numpy(dtype=float)
+            if logx:
+                x = np.log10(np.clip(x, 1, None))
+            kept = sub["kept"].to_numpy(dtype=bool)
+            finite = np.isfinite(x)
+            ax.hist(x[kept & finite], bins=40, color=OKABE_ITO[4], alpha=0.8, label="kept")
+            ax.hist(x[~kept & finite], bins=40, color=OKABE_ITO[5], alpha=0.7, label="removed")
+            for side in ("low", "high"):
+                t = thresholds.get(col, {}).get(side)
+                if t is not None:
+                    ax.axvline(np.log10(max(t, 1)) if logx else t, color="black", ls="--", lw=1)
+            if r == len(names) - 1:
+                ax.set_xlabel(f"log10 {label.lower()}" if logx else label)
+            if c == 0:
+                ax.set_ylabel(f"{name}\ncells")
+    axes[0, 0].legend()
+    fig.suptitle("QC metrics per sample (dashed: that sample's thresholds)")
+    save(fig, path)

@@ -164,9 +164,23 @@ def _outside(x: pd.Series, t: dict) -> np.ndarray:
     return out
 
 
-def run_qc(adata: ad.AnnData, qc: dict, *, values: str, species: str, seed: int = 0
+def sample_groups(obs: pd.DataFrame, sample_key: str = "sample") -> list[tuple[str, np.ndarray]]:
+    """(sample, row positions) of each sample in obs order of first appearance; one group of every
+    cell when ``sample_key`` is absent."""
+    if sample_key not in obs:
+        return [("all", np.arange(len(obs)))]
+    codes, names = pd.factorize(obs[sample_key].astype(str), sort=True)
+    return [(str(name), np.flatnonzero(codes == i)) for i, name in enumerate(names)]
+
+
+def run_qc(adata: ad.AnnData, qc: dict, *, values: str, species: str, seed: int = 0, sample_key: str = "sample"
            ) -> tuple[ad.AnnData, pd.DataFrame, dict]:
     """Flag and remove low-quality cells and doublets; remove rarely detected genes.
+
+    With several samples (``obs[sample_key]``), the MAD thresholds and scrublet run per sample: depth and
+    quality differ between samples (a shallow patient would otherwise lose its cells to a deep one's
+    median), and a doublet is two cells of one sample, never of two. ``info['per_sample']`` holds the
+    cells in, out and removed per reason and the thresholds of each sample.
 
     Filters ``adata`` in place (like ``sc.pp.filter_cells``) and returns it, a per-cell table of metrics
     and reasons (all cells, for plots), and an info dict (thresholds, counts per reason, notes) for the report. Raises ``MetastemError`` naming
@@ -188,23 +202,30 @@ def run_qc(adata: ad.AnnData, qc: dict, *, values: str, species: str, seed: int 
     if not gene_flags(adata.var_names, species)["mt"].any():
         notes.append("no mitochondrial genes found (prefix %s): the %% mito filter is off"
                      % ("mt-" if species == "mouse" else "MT-"))
-    th = qc_thresholds(obs, qc, values)
-    for metric, t in th.items():
-        if metric != "pct_counts_hb" and t["high"] is None:
-            notes.append(f"{metric}: more than half of the cells share one value (MAD 0), so the adaptive "
-                         "MAD rule is off for it")
+    groups = sample_groups(obs, sample_key)
+    multi = len(groups) > 1
     reasons = pd.DataFrame(False, index=obs.index, columns=REASONS)
-    if "total_counts" in th:
-        reasons["low_or_high_counts"] = _outside(obs["total_counts"], th["total_counts"])
-    else:
+    th_by: dict[str, dict] = {}
+    for name, idx in groups:
+        sub = obs.iloc[idx]
+        th = th_by[name] = qc_thresholds(sub, qc, values)
+        where = f"sample {name}: " if multi else ""
+        for metric, t in th.items():
+            if metric != "pct_counts_hb" and t["high"] is None:
+                notes.append(f"{where}{metric}: more than half of the cells share one value (MAD 0), so the "
+                             "adaptive MAD rule is off for it")
+        col = reasons.columns.get_loc
+        if "total_counts" in th:
+            reasons.iloc[idx, col("low_or_high_counts")] = _outside(sub["total_counts"], th["total_counts"])
+        # a cell with no detected gene is never kept, whatever the spread of the others
+        reasons.iloc[idx, col("low_or_high_genes")] = _outside(sub["n_genes_by_counts"], th["n_genes_by_counts"]) | \
+            (sub["n_genes_by_counts"].to_numpy() == 0)
+        if "pct_counts_mt" in th:
+            reasons.iloc[idx, col("high_mito")] = _outside(sub["pct_counts_mt"].fillna(0), th["pct_counts_mt"])
+        if "pct_counts_hb" in th:
+            reasons.iloc[idx, col("high_hb")] = _outside(sub["pct_counts_hb"].fillna(0), th["pct_counts_hb"])
+    if values != "counts":
         notes.append(f"values are '{values}', not counts: the total-counts filter is off")
-    # a cell with no detected gene is never kept, whatever the spread of the others
-    reasons["low_or_high_genes"] = _outside(obs["n_genes_by_counts"], th["n_genes_by_counts"]) | \
-        (obs["n_genes_by_counts"].to_numpy() == 0)
-    if "pct_counts_mt" in th:
-        reasons["high_mito"] = _outside(obs["pct_counts_mt"].fillna(0), th["pct_counts_mt"])
-    if "pct_counts_hb" in th:
-        reasons["high_hb"] = _outside(obs["pct_counts_hb"].fillna(0), th["pct_counts_hb"])
     fixed = np.zeros(adata.n_obs, dtype=bool)
     for key, col, op in (("min_genes", "n_genes_by_counts", np.less), ("max_genes", "n_genes_by_counts", np.greater),
                          ("min_counts", "total_counts", np.less), ("max_counts", "total_counts", np.greater)):
@@ -212,19 +233,25 @@ def run_qc(adata: ad.AnnData, qc: dict, *, values: str, species: str, seed: int 
             fixed |= op(obs[col].to_numpy(), qc[key])
     reasons["fixed_threshold"] = fixed
 
-    doublet_threshold = None
+    doublet_by: dict[str, float | None] = {name: None for name, _ in groups}
     if qc["doublets"] and values == "counts":
-        if adata.n_obs >= 100:
+        dbl_scores = np.full(adata.n_obs, np.nan)
+        for name, idx in groups:
+            where = f"sample {name}: " if multi else ""
+            if idx.size < 100:
+                notes.append(f"{where}doublet detection skipped: {idx.size} cells are too few for scrublet")
+                continue
             try:
-                scores, calls, doublet_threshold = call_doublets(adata, qc["doublet_rate"], seed,
-                                                                     qc["doublet_sim_ratio"])
+                scores, calls, doublet_by[name] = call_doublets(adata[idx] if multi else adata, qc["doublet_rate"],
+                                                                seed, qc["doublet_sim_ratio"])
             except (ValueError, np.linalg.LinAlgError) as exc:  # degenerate data (e.g. too few genes)
-                notes.append(f"doublet detection skipped: scrublet failed on these data ({type(exc).__name__}: {exc})")
+                notes.append(f"{where}doublet detection skipped: scrublet failed on these data "
+                             f"({type(exc).__name__}: {exc})")
             else:
-                obs["doublet_score"] = scores
-                reasons["doublet"] = calls
-        else:
-            notes.append(f"doublet detection skipped: {adata.n_obs} cells are too few for scrublet")
+                dbl_scores[idx] = scores
+                reasons.iloc[idx, reasons.columns.get_loc("doublet")] = calls
+        if np.isfinite(dbl_scores).any():
+            obs["doublet_score"] = dbl_scores
     elif qc["doublets"]:
         notes.append(f"doublet detection skipped: values are '{values}', scrublet needs raw counts")
 
@@ -232,6 +259,8 @@ def run_qc(adata: ad.AnnData, qc: dict, *, values: str, species: str, seed: int 
     metrics = obs[[c for c in ("n_genes_by_counts", "total_counts", "pct_counts_mt", "pct_counts_ribo",
                                 "pct_counts_hb", "pct_counts_ercc", "doublet_score") if c in obs]].copy()
     metrics = metrics.join(reasons).assign(kept=keep)
+    if sample_key in obs:
+        metrics.insert(0, "sample", obs[sample_key].astype(str).to_numpy())
     n_kept = int(keep.sum())
     if n_kept < qc["min_cells"]:
         removed = ", ".join(f"{r} {int(reasons[r].sum())}" for r in REASONS if reasons[r].any()) or "none"
@@ -257,8 +286,16 @@ def run_qc(adata: ad.AnnData, qc: dict, *, values: str, species: str, seed: int 
         "cells_in": int(cells_in), "genes_in": int(genes_in),
         "cells_out": int(adata.n_obs), "genes_out": int(adata.n_vars),
         "removed": {r: int(reasons[r].sum()) for r in REASONS},
-        "removed_total": int((~keep).sum()), "thresholds": th, "doublet_threshold": doublet_threshold,
+        "removed_total": int((~keep).sum()),
+        # one sample: its thresholds; several: see per_sample (each sample has its own)
+        "thresholds": th_by[groups[0][0]] if not multi else {},
+        "doublet_threshold": doublet_by[groups[0][0]] if not multi else None,
         "notes": notes, "n_spike_ins_removed": n_ercc,
+        "per_sample": {name: {"cells_in": int(idx.size), "cells_out": int(keep[idx].sum()),
+                              "removed": {r: int(reasons[r].iloc[idx].sum()) for r in REASONS},
+                              "removed_total": int((~keep[idx]).sum()),
+                              "thresholds": th_by[name], "doublet_threshold": doublet_by[name]}
+                       for name, idx in groups},
     }
     if "gene_mapping" in adata.uns:   # how gene names were mapped at read time (metastem.genes), for the report
         info["genes"] = {k: (v.item() if hasattr(v, "item") else v) for k, v in adata.uns["gene_mapping"].items()}
@@ -312,15 +349,28 @@ def genes_detected_in(X, rows: np.ndarray, block: int = BLOCK_ROWS) -> np.ndarra
 
 
 def qc_summary_table(info: dict) -> pd.DataFrame:
-    """Tidy table: cells in, removed per reason (a cell can have several), cells out, thresholds."""
-    rows = [("cells_in", info["cells_in"], "")]
-    rows += [(f"removed_{r}", n, "") for r, n in info["removed"].items()]
-    rows += [("removed_total", info["removed_total"], ""), ("cells_out", info["cells_out"], ""),
-             ("genes_in", info["genes_in"], ""), ("genes_out", info["genes_out"], "")]
-    for metric, t in info["thresholds"].items():
-        for side in ("low", "high"):
-            if t[side] is not None:
-                rows.append((f"threshold_{metric}_{side}", round(t[side], 4), "adaptive MAD / ceiling"))
-    if info["doublet_threshold"] is not None:
-        rows.append(("threshold_doublet_score", round(info["doublet_threshold"], 4), "scrublet"))
-    return pd.DataFrame(rows, columns=["metric", "value", "note"])
+    """Tidy table: cells in, removed per reason (a cell can have several), cells out, thresholds.
+
+    Column ``sample``: 'all' for the dataset's totals, then, with several samples, the same rows for each
+    sample with the thresholds applied to it (MAD thresholds and scrublet run per sample).
+    """
+    def block(sample: str, part: dict, genes: bool) -> list[tuple]:
+        rows = [(sample, "cells_in", part["cells_in"], "")]
+        rows += [(sample, f"removed_{r}", n, "") for r, n in part["removed"].items()]
+        rows += [(sample, "removed_total", part["removed_total"], ""), (sample, "cells_out", part["cells_out"], "")]
+        if genes:
+            rows += [(sample, "genes_in", info["genes_in"], ""), (sample, "genes_out", info["genes_out"], "")]
+        for metric, t in part["thresholds"].items():
+            for side in ("low", "high"):
+                if t[side] is not None:
+                    rows.append((sample, f"threshold_{metric}_{side}", round(t[side], 4), "adaptive MAD / ceiling"))
+        if part.get("doublet_threshold") is not None:
+            rows.append((sample, "threshold_doublet_score", round(part["doublet_threshold"], 4), "scrublet"))
+        return rows
+
+    per_sample = info.get("per_sample") or {}
+    rows = block("all", info, True)
+    if len(per_sample) > 1:
+        for name, part in per_sample.items():
+            rows += block(name, part, False)
+    return pd.DataFrame(rows, columns=["sample", "metric", "value", "note"])

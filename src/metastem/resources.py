@@ -26,7 +26,17 @@ _BYTES_PER_NONZERO = 6  # compressed text / HDF5, for the same guess
 
 def dataset_size(row: dict, params: dict) -> tuple[int, int, int]:
     """Cells, genes and stored non-zeros, without loading the matrix: simulator params, HDF5 headers, or a
-    guess from the file size."""
+    guess from the file size. A dataset of several samples (sheet rows) sums its samples' cells and
+    non-zeros (they are concatenated); genes are the largest sample's."""
+    samples = row.get("samples") or []
+    if len(samples) > 1:
+        sizes = [_input_size({**row, **s}, params) for s in samples]
+        return sum(c for c, _, _ in sizes), max(g for _, g, _ in sizes), sum(z for _, _, z in sizes)
+    return _input_size(row, params)
+
+
+def _input_size(row: dict, params: dict) -> tuple[int, int, int]:
+    """Cells, genes and non-zeros of one input file (or the simulator)."""
     fmt, path = row.get("format"), row.get("path", "")
     if fmt == "simulated":
         sim = params["simulate"]

@@ -20,6 +20,19 @@ rule cluster:
             category="2. Clusters",
             labels={"dataset": "{dataset}", "figure": "UMAP clusters"},
         ),
+        mixing=report(
+            f"{OUTDIR}/{{dataset}}/tables/sample_mixing.tsv",
+            caption="../report/sample_mixing.rst",
+            category="2. Clusters",
+            labels={"dataset": "{dataset}", "table": "sample mixing per cluster"},
+        ),
+        composition=f"{OUTDIR}/{{dataset}}/tables/sample_composition.tsv",
+        mixing_figure=report(
+            f"{OUTDIR}/{{dataset}}/figures/umap_samples.png",
+            caption="../report/umap_samples.rst",
+            category="2. Clusters",
+            labels={"dataset": "{dataset}", "figure": "samples per cluster"},
+        ),
     log:
         f"{OUTDIR}/logs/{{dataset}}/cluster.log",
     benchmark:

@@ -1,9 +1,18 @@
 # Stemness: CytoTRACE-style score on the kNN graph, stemness signatures, cell cycle, CSC-like calls.
 
 
+def malignant_cells(wildcards) -> list[str]:
+    """The malignant stage's per-cell calls (CSC-like cells are called among malignant cells only);
+    none while the workflow has no malignant rule (then every cell counts as malignant, with a note)."""
+    if not hasattr(rules, "malignant"):
+        return []
+    return [rules.malignant.output.cells.format(dataset=wildcards.dataset)]
+
+
 rule stemness:
     input:
         h5ad=rules.cluster.output.h5ad,
+        malignant=malignant_cells,
         gene_sets=gene_set_files("stemness"),
     output:
         cells=f"{OUTDIR}/{{dataset}}/stemness/cells.tsv.gz",
@@ -43,6 +52,12 @@ rule stemness:
             caption="../report/stemness_gene_counts.rst",
             category="3. Stemness",
             labels={"dataset": "{dataset}", "figure": "stemness vs genes detected"},
+        ),
+        csc=report(
+            f"{OUTDIR}/{{dataset}}/tables/csc_by_sample.tsv",
+            caption="../report/csc_by_sample.rst",
+            category="3. Stemness",
+            labels={"dataset": "{dataset}", "table": "CSC-like cells per sample"},
         ),
         labels=report(
             f"{OUTDIR}/{{dataset}}/figures/stemness_labels.png",

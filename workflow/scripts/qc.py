@@ -25,7 +25,17 @@ def main(smk) -> None:
                      "values": row["values"], "species": row["species"], "labels": row["labels"],
                      "log_base": filtered.uns.get("log_base_rule", ""),
                      "checksum": io.file_checksum(row["path"]) if row["path"] else f"simulated, seed {p['seed']}"}
-    plots.plot_qc_metrics(cells, info["thresholds"], smk.output.figure)
+    samples = row.get("samples") or []
+    if len(samples) > 1:  # one input per sample
+        info["input"]["path"] = ", ".join(s["path"] for s in samples)
+        info["input"]["samples"] = [{**s, "checksum": io.file_checksum(s["path"])} for s in samples]
+    info["sample_key"] = row.get("sample_key") or None
+    if filtered.uns.get("samples_note"):
+        info["notes"].append(filtered.uns.pop("samples_note"))
+    if len(info["per_sample"]) > 1:
+        plots.plot_qc_metrics_by_sample(cells, info["per_sample"], smk.output.figure)
+    else:
+        plots.plot_qc_metrics(cells, info["thresholds"], smk.output.figure)
     io.write_table_atomic(cells, smk.output.cells, index_label="cell")
     io.write_table_atomic(qc.qc_summary_table(info), smk.output.summary, index=False)
     write_json_atomic(info, smk.output.info)

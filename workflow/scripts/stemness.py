@@ -22,14 +22,30 @@ def main(smk) -> None:
     import anndata as ad
     import pandas as pd
 
-    from metastem import io
+    from metastem import csc, io
     from metastem import plots_stemness as plots
     from metastem import stemness
     from metastem.smk import write_json_atomic
 
     row, p = smk.params.row, smk.params.params
     adata = ad.read_h5ad(smk.input.h5ad)
-    info = stemness.score_stemness(adata, p["stemness"], species=row["species"], seed=p["seed"])
+    s = p["stemness"]
+    csc_keys = ("csc_groupby", "csc_rule")  # read by csc.call_csc_like below, not by the score
+    info = stemness.score_stemness(adata, species=row["species"], seed=p["seed"],
+                                   **{k: v for k, v in s.items() if k not in csc_keys})
+    # CSC-like: each sample's own most stem-like MALIGNANT cells (issue 15), replacing the dataset-wide call
+    if list(smk.input.malignant):
+        calls = pd.read_csv(smk.input.malignant[0], sep="\t", index_col=0)
+        adata.obs["malignant"] = calls["malignant"].reindex(adata.obs_names).fillna(False).astype(bool).to_numpy()
+    if info.get("status", "computed") == "computed":
+        csc.call_csc_like(adata, groupby=s["csc_groupby"], quantile=s["csc_quantile"], rule=s["csc_rule"],
+                          seed=p["seed"])
+        info["csc"] = csc.csc_summary(adata)
+        info["n_csc_like"], info["csc_threshold"] = info["csc"]["n_csc_like"], None  # one threshold per sample
+        info["notes"] = info.get("notes", []) + info["csc"]["notes"]
+        io.write_table_atomic(csc.csc_table(adata), smk.output.csc, index=False)
+    else:
+        io.write_table_atomic(pd.DataFrame(columns=csc.TABLE_COLUMNS), smk.output.csc, index=False)
     figure_notes = {}
     for path, draw in ((smk.output.umap, lambda f: plots.plot_umap_stemness(adata, f)),
                        (smk.output.cluster_figure, lambda f: plots.plot_cluster_stemness(adata, f)),

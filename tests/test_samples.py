@@ -1,0 +1,141 @@
+"""Datasets of several samples: reading and concatenating them, per-sample QC and doublets."""
+from __future__ import annotations
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+
+from metastem import io, plots, qc
+from metastem.errors import MetastemError
+from metastem.resources import dataset_size
+
+
+def _row(samples, **kw):
+    base = {"dataset": "tum", "path": samples[0]["path"], "format": samples[0]["format"], "orientation": "",
+            "species": "human", "values": "counts", "labels": "", "params": "", "sample_key": "",
+            "samples": samples}
+    return {**base, **kw}
+
+
+def _sample(name, path, fmt="h5ad", **meta):
+    return {"sample": name, "path": str(path), "format": fmt, "orientation": "",
+            "patient": meta.get("patient", ""), "condition": meta.get("condition", ""), "site": meta.get("site", "")}
+
+
+@pytest.fixture(scope="module")
+def two_files(demo_raw, tmp_path_factory):
+    """The demo split in two h5ad files that reuse the same barcodes (as two Cell Ranger runs do); the
+    second lacks 10 genes and is sequenced at a third of the depth."""
+    d = tmp_path_factory.mktemp("samples")
+    a = demo_raw[:800].copy()
+    b = demo_raw[800:1600].copy()
+    b.obs_names = a.obs_names[:b.n_obs]
+    rng = np.random.default_rng(0)
+    X = sp.csr_matrix(b.X, copy=True)
+    X.data = rng.binomial(X.data.astype(np.int64), 1 / 3).astype(np.float32)
+    X.eliminate_zeros()
+    b.X = X
+    b = b[:, 10:].copy()
+    a.write_h5ad(d / "a.h5ad")
+    b.write_h5ad(d / "b.h5ad")
+    return d / "a.h5ad", d / "b.h5ad", a, b
+
+
+def test_rows_are_concatenated_with_prefixed_barcodes(two_files, defaults):
+    pa, pb, a, b = two_files
+    row = _row([_sample("P1", pa, patient="p1", site="primary"), _sample("P2", pb, patient="p2", site="metastasis")])
+    x = io.read_dataset(row, defaults)
+    assert x.n_obs == a.n_obs + b.n_obs and x.n_vars == a.n_vars - 10
+    assert x.obs_names.is_unique and x.obs_names[0] == f"P1_{a.obs_names[0]}" and \
+        x.obs_names[a.n_obs] == f"P2_{b.obs_names[0]}"
+    assert list(x.obs["sample"].cat.categories) == ["P1", "P2"]
+    assert (x.obs["sample"] == "P2").sum() == b.n_obs
+    assert dict(zip(x.obs["sample"], x.obs["site"])) == {"P1": "primary", "P2": "metastasis"}
+    assert x.obs.loc[x.obs["sample"] == "P1", "patient"].eq("p1").all()
+    assert "10 of" in x.uns["samples_note"]
+    # the counts are the inputs' own, gene by gene
+    g = b.var_names[5]
+    assert np.array_equal(x[x.obs["sample"] == "P2", g].X.toarray(), b[:, g].X.toarray())
+    x.write_h5ad(pa.parent / "joined.h5ad")   # obs columns stay writable
+
+
+def test_resources_sum_the_samples(two_files, defaults):
+    pa, pb, a, b = two_files
+    row = _row([_sample("P1", pa), _sample("P2", pb)])
+    cells, genes, nnz = dataset_size(row, defaults)
+    assert cells == a.n_obs + b.n_obs and genes == a.n_vars and nnz == a.X.nnz + b.X.nnz
+    assert dataset_size(_row([_sample("P1", pa)]), defaults)[0] == a.n_obs
+
+
+def test_sample_key_and_single_sample(two_files, defaults):
+    pa, _, a, _ = two_files
+    d = pa.parent
+    k = a.copy()
+    k.obs["donor"] = np.where(np.arange(k.n_obs) < 300, "d1", "d2")
+    k.write_h5ad(d / "keyed.h5ad")
+    x = io.read_dataset(_row([_sample("", d / "keyed.h5ad")], sample_key="donor"), defaults)
+    assert x.obs["sample"].value_counts().to_dict() == {"d1": 300, "d2": k.n_obs - 300}
+    one = io.read_dataset(_row([_sample("", pa)]), defaults)
+    assert list(one.obs["sample"].unique()) == ["tum"]      # a one-sample dataset: the dataset id
+    named = io.read_dataset(_row([_sample("S7", pa)]), defaults)
+    assert list(named.obs["sample"].unique()) == ["S7"] and named.obs_names.equals(one.obs_names)
+    with pytest.raises(MetastemError, match="sample_key column 'patient' is not in obs") as err:
+        io.read_dataset(_row([_sample("", pa)], sample_key="patient"), defaults)
+    assert "dataset 'tum'" in str(err.value) and "Fix:" in str(err.value)
+    k.obs.loc[k.obs_names[:4], "donor"] = np.nan
+    k.write_h5ad(d / "holes.h5ad")
+    with pytest.raises(MetastemError, match="empty for 4 cells"):
+        io.read_dataset(_row([_sample("", d / "holes.h5ad")], sample_key="donor"), defaults)
+
+
+def test_a_bad_sample_is_named(two_files, defaults, tmp_path):
+    pa, _, _, _ = two_files
+    bad = tmp_path / "bad.h5ad"
+    bad.write_bytes(b"\x89HDF\r\n\x1a\nnot really")
+    with pytest.raises(MetastemError) as err:
+        io.read_dataset(_row([_sample("P1", pa), _sample("P2", bad)]), defaults)
+    assert "bad.h5ad" in str(err.value) and "dataset 'tum'" in str(err.value)
+
+
+def test_qc_thresholds_and_doublets_per_sample(two_files, defaults, tmp_path):
+    pa, pb, a, b = two_files
+    full = io.read_dataset(_row([_sample("P1", pa), _sample("P2", pb)]), defaults)
+    x = full.copy()   # run_qc filters in place
+    out, cells, info = qc.run_qc(x, defaults["qc"], values="counts", species="human", seed=0)
+    ps = info["per_sample"]
+    assert set(ps) == {"P1", "P2"} and ps["P1"]["cells_in"] == a.n_obs
+    lo1 = ps["P1"]["thresholds"]["total_counts"]["low"]
+    lo2 = ps["P2"]["thresholds"]["total_counts"]["low"]
+    assert lo2 < 0.5 * lo1, "the shallow sample gets its own, lower count threshold"
+    # each sample's QC is exactly that sample's QC on its own (thresholds and scrublet alike)
+    for name, part in (("P1", full[full.obs["sample"] == "P1"]), ("P2", full[full.obs["sample"] == "P2"])):
+        alone = part.copy()
+        del alone.obs["sample"]
+        _, cells_alone, _ = qc.run_qc(alone, defaults["qc"], values="counts", species="human", seed=0)
+        assert np.array_equal(cells.loc[cells["sample"] == name, "kept"].to_numpy(), cells_alone["kept"].to_numpy())
+    # scrublet ran in each sample (doublets are two cells of one sample), with its own threshold
+    assert ps["P1"]["doublet_threshold"] is not None and ps["P2"]["doublet_threshold"] is not None
+    assert cells.groupby("sample")["doublet_score"].apply(lambda s: s.notna().all()).all()
+    assert "sample" in out.obs and out.obs["sample"].nunique() == 2
+    table = qc.qc_summary_table(info)
+    assert list(table.columns) == ["sample", "metric", "value", "note"]
+    assert {"all", "P1", "P2"} == set(table["sample"])
+    p2 = table[table["sample"] == "P2"].set_index("metric")["value"]
+    assert p2["cells_out"] == ps["P2"]["cells_out"] and p2["threshold_total_counts_low"] == pytest.approx(lo2, rel=1e-3)
+    plots.plot_qc_metrics_by_sample(cells, ps, tmp_path / "qc.png")
+    from PIL import Image
+
+    with Image.open(tmp_path / "qc.png") as im:
+        w, h = im.size
+    assert h > 300 and w > 600
+
+
+def test_single_sample_qc_is_unchanged(demo_raw, defaults):
+    x = demo_raw.copy()
+    x.obs["sample"] = "only"
+    _, cells1, info1 = qc.run_qc(x, defaults["qc"], values="counts", species="human", seed=0)
+    _, cells0, info0 = qc.run_qc(demo_raw.copy(), defaults["qc"], values="counts", species="human", seed=0)
+    assert cells1["kept"].equals(cells0["kept"]) and info1["thresholds"] == info0["thresholds"]
+    assert list(info1["per_sample"]) == ["only"] and info1["doublet_threshold"] == info0["doublet_threshold"]
