@@ -235,3 +235,46 @@ def test_validate_workflow_ok(tmp_path, schemas, monkeypatch):
 def test_validate_with_defaults_is_still_one_error(schemas):
     with pytest.raises(MetastemError, match="seed"):
         validate_with_defaults({"seed": -1}, schemas[0], where="x")
+
+
+SAMPLE_HEADER = "dataset\tpath\tformat\tspecies\tvalues\tsample\tsample_key\tpatient\tsite\n"
+
+
+def test_rows_sharing_an_id_are_samples(tmp_path, schemas):
+    for name in ("p1", "p2"):
+        (tmp_path / f"{name}.h5ad").write_bytes(b"")
+    p = sheet_file(tmp_path, f"tum\t{tmp_path}/p1.h5ad\t\thuman\tcounts\tP1\t\tpat1\tprimary",
+                   f"tum\t{tmp_path}/p2.h5ad\t\thuman\tcounts\tP2\t\tpat1\tmetastasis",
+                   "solo\t\tsimulated\thuman\tcounts\t\t\t\t", header=SAMPLE_HEADER)
+    sheet = read_sheet(p, schemas[1])
+    assert list(sheet.index) == ["tum", "solo"]
+    samples = sheet.loc["tum", "samples"]
+    assert [s["sample"] for s in samples] == ["P1", "P2"] and [s["site"] for s in samples] == ["primary", "metastasis"]
+    assert all(s["format"] == "h5ad" for s in samples) and samples[1]["path"].endswith("p2.h5ad")
+    assert len(sheet.loc["solo", "samples"]) == 1
+    # every sample's input is checked: both files are empty, one line each
+    problems = check_inputs(sheet)
+    assert len(problems) == 2 and all("file is empty" in m for m in problems)
+    assert any("p1.h5ad" in m for m in problems) and any("p2.h5ad" in m for m in problems)
+
+
+def test_every_sample_problem_reported_at_once(tmp_path, schemas):
+    p = sheet_file(tmp_path,
+                   "a\tx.h5ad\t\thuman\tcounts\tS1\t\t\t", "a\ty.h5ad\t\thuman\tcounts\t\t\t\t",         # unnamed row
+                   "b\tx.h5ad\t\thuman\tcounts\tS1\t\t\t", "b\ty.h5ad\t\thuman\tcounts\ts1\t\t\t",        # same sample
+                   "c\tx.h5ad\t\thuman\tcounts\tS1\t\t\t", "c\ty.h5ad\t\tmouse\tcounts\tS2\t\t\t",        # disagree
+                   "d\tx.h5ad\t\thuman\tcounts\tS1\tdonor\t\t", "d\ty.h5ad\t\thuman\tcounts\tS2\tdonor\t\t",  # key + rows
+                   "e\tx.h5ad\t\thuman\tcounts\tS1\tdonor\t\t",                                          # both
+                   "f\tx.h5ad\t\thuman\tcounts\tbad name\t\t\t",                                         # bad id
+                   "g\tx.h5ad\t\thuman\tcounts\t\t\t\tbrain",                                            # bad site
+                   header=SAMPLE_HEADER)
+    with pytest.raises(InputProblems) as err:
+        read_sheet(p, schemas[1])
+    lines = err.value.problems
+    expect = {"a": "name no 'sample'", "b": "appear twice", "c": "disagree on 'species'",
+              "d": "'sample_key' is filled on a dataset of several rows", "e": "both 'sample' and 'sample_key'",
+              "f": "does not match", "g": "'brain' is not one of"}
+    assert len(lines) == len(expect)
+    for ds, words in expect.items():
+        (line,) = [m for m in lines if f"dataset '{ds}'" in m]
+        assert words in line and "Fix:" in line, line
