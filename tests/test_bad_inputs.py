@@ -208,6 +208,56 @@ def _dupgenes(wd):
     return _write(wd, "dupgenes.h5ad", a)
 
 
+def _real_genes(n: int) -> pd.DataFrame:
+    from metastem.genes import gene_positions
+
+    pos = gene_positions("human")
+    mt = pos[pos["symbol"].isin(["MT-CO1", "MT-CO2", "MT-CO3"])]
+    pc = pos[(pos["biotype"] == "protein_coding") & (pos["chromosome"] != "chrM") & ~pos["symbol"].str.startswith("ENS")]
+    return pd.concat([mt, pc.iloc[:: len(pc) // n].head(n - 3)])
+
+
+def _sideways(wd):
+    """A cells x genes CSV (10x barcodes as rows, real symbols as columns), declared genes_x_cells."""
+    a = counts()
+    rng = np.random.default_rng(0)
+    a.obs_names = ["".join(rng.choice(list("ACGT"), 16)) + "-1" for _ in range(a.n_obs)]
+    a.var_names = list(_real_genes(a.n_vars)["symbol"])
+    a.to_df().astype(int).to_csv(wd / "cells_by_genes.csv")
+    return "cells_by_genes.csv"
+
+
+def _ids_only(wd):
+    a = counts()
+    a.var_names = list(_real_genes(a.n_vars)["gene_id"])
+    return _write(wd, "idsonly.h5ad", a)
+
+
+def _ercc(wd):
+    a = counts()
+    names = list(a.var_names)
+    names[20:26] = [f"ERCC-{i:05d}" for i in (2, 3, 4, 9, 12, 13)]
+    a.var_names = names
+    return _write(wd, "ercc.h5ad", a)
+
+
+def _log2(wd):
+    """log2(1 + CPM-like values) of two distinct populations: the base is found, the run clusters."""
+    a = _two_worlds()
+    C = a.X.toarray()
+    a.X = sp.csr_matrix(np.log2(1 + C / C.sum(axis=1, keepdims=True) * 1e4).astype(np.float32))
+    return _write(wd, "log2.h5ad", a)
+
+
+def _smooth_log(wd):
+    """Continuous values with unequal totals, small enough in every base: the base cannot be told."""
+    a = counts()
+    rng = np.random.default_rng(1)
+    V = rng.gamma(0.5, 1.0, size=a.shape) * (rng.random(a.shape) < 0.6) * rng.uniform(5, 50, (a.n_obs, 1))
+    a.X = sp.csr_matrix(np.log1p(V).astype(np.float32))
+    return _write(wd, "smooth.h5ad", a)
+
+
 IN_JOB_FAIL = {
     # id: (make file -> path, sheet row extras, stage target, file in message, words)
     "negative": (lambda wd: _write(wd, "neg.h5ad", _dense_edit(counts(), lambda X: X.__setitem__((0, 5), -2))),
@@ -227,12 +277,19 @@ IN_JOB_FAIL = {
                  "fewer than qc.min_cells"),
     "onecluster": (lambda wd: _write(wd, "homog.h5ad", counts()), {"params": "cluster.resolution=0.01"}, "cluster",
                    "onecluster/qc/qc.h5ad", "cluster.resolution"),
+    "sideways": (_sideways, {"format": "csv", "orientation": "genes_x_cells"}, "qc", "cells_by_genes.csv",
+                 'the "genes" look like barcodes'),
+    "logambig": (_smooth_log, {"values": "log"}, "qc", "smooth.h5ad", "do not tell the log base"),
 }
 IN_JOB_OK = {
     "good": (None, SMALL_SIM, "cluster"),
     "dupgenes": (_dupgenes, {}, "qc"),
     "enssym": (lambda wd: _ens(wd, True), {}, "qc"),
     "disconnected": (lambda wd: _write(wd, "two.h5ad", _two_worlds()), {}, "cluster"),
+    "idsonly": (_ids_only, {}, "qc"),
+    "ercc": (_ercc, {}, "qc"),
+    "log2": (_log2, {"values": "log"}, "cluster"),
+    "logdeclared": (_smooth_log, {"values": "log", "log_base": "e"}, "qc"),
 }
 TARGET = {"qc": "qc/qc.h5ad", "cluster": "cluster/clustered.h5ad"}
 
@@ -248,6 +305,9 @@ def in_job_run():
         if make:
             r["path"] = make(wd)
     make_workdir(wd, rows)
+    sheet = pd.read_csv(wd / "config" / "datasets.tsv", sep="\t", dtype=str, keep_default_na=False)
+    sheet["log_base"] = [r.get("log_base", "") for r in rows]   # the column make_workdir does not write
+    sheet.to_csv(wd / "config" / "datasets.tsv", sep="\t", index=False)
     res = run_snakemake(wd, "--keep-going", *targets, timeout=900)
     return wd, res
 
@@ -281,6 +341,49 @@ def test_ensembl_ids_with_a_symbol_column_use_the_symbols(in_job_run):
     wd, _ = in_job_run
     a = ad.read_h5ad(wd / "results/enssym/qc/qc.h5ad", backed="r")
     assert "GENE5" in a.var_names and not a.var_names[0].startswith("ENSG")
+
+
+def test_ensembl_ids_only_are_named_by_the_gene_table(in_job_run):
+    import json
+
+    wd, _ = in_job_run
+    a = ad.read_h5ad(wd / "results/idsonly/qc/qc.h5ad", backed="r")
+    expected = _real_genes(200).set_index("gene_id")["symbol"]
+    assert set(a.var_names) <= set(expected) and a.var["gene_ids"].map(expected).eq(a.var_names).all()
+    info = json.loads((wd / "results/idsonly/qc/info.json").read_text())
+    assert info["genes"]["n_symbols_from_table"] == 200 and "through the GENCODE v48" in info["genes"]["summary"]
+
+
+def test_ercc_spike_ins_leave_the_matrix(in_job_run):
+    import json
+
+    wd, _ = in_job_run
+    a = ad.read_h5ad(wd / "results/ercc/qc/qc.h5ad", backed="r")
+    assert not a.var_names.str.startswith("ERCC").any() and "pct_counts_ercc" in a.obs
+    cells = pd.read_csv(wd / "results/ercc/qc/cells.tsv.gz", sep="\t", index_col=0)
+    assert cells["pct_counts_ercc"].between(0, 100).all() and cells["pct_counts_ercc"].median() > 1
+    info = json.loads((wd / "results/ercc/qc/info.json").read_text())
+    assert info["n_spike_ins_removed"] == 6 and any("ERCC spike-ins removed" in n for n in info["notes"])
+
+
+def test_log2_input_is_found_and_clustered(in_job_run):
+    import json
+
+    wd, _ = in_job_run
+    info = json.loads((wd / "results/log2/qc/info.json").read_text())
+    assert "log base 2 (detected" in info["input"]["log_base"]
+    cl = json.loads((wd / "results/log2/cluster/info.json").read_text())
+    assert "log2 values converted to natural log1p units" in cl["normalisation"]
+    a = ad.read_h5ad(wd / "results/log2/cluster/clustered.h5ad", backed="r")
+    assert a.obs["leiden"].nunique() >= 2
+
+
+def test_declared_log_base_runs_where_detection_cannot(in_job_run):
+    import json
+
+    wd, _ = in_job_run
+    info = json.loads((wd / "results/logdeclared/qc/info.json").read_text())
+    assert "log base e (declared" in info["input"]["log_base"]
 
 
 def test_disconnected_graph_completes_with_a_warning(in_job_run):

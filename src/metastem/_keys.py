@@ -57,6 +57,8 @@ class Uns:
 
     METASTEM = "metastem"          # dataset, species, values, labels, params_json (workflow provenance)
     LOG1P = "log1p"                # scanpy's: {'base': None (e) | 2 | 10 ...}
+    LOG_BASE_RULE = "log_base_rule"  # how the base of log input was known (metastem.io.resolve_log_base)
+    GENE_MAPPING = "gene_mapping"  # how gene names became current symbols (metastem.genes.map_gene_names)
     PAGA = "paga"
     IROOT = "iroot"
     DIFFMAP_EVALS = "diffmap_evals"

@@ -19,6 +19,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
+from metastem._keys import Uns
 from metastem.errors import MetastemError
 
 log = logging.getLogger(__name__)
@@ -113,7 +114,7 @@ def _pick_column(var: pd.DataFrame, candidates: tuple[str, ...], want_ensembl: b
 
 
 def map_gene_names(adata: ad.AnnData, species: str = "human", *, symbol_column: str | None = None,
-                   fix_case: bool = True, use_aliases: bool = True, key_added: str = "gene_mapping",
+                   fix_case: bool = True, use_aliases: bool = True, key_added: str = Uns.GENE_MAPPING,
                    copy: bool = False) -> ad.AnnData | None:
     """Current gene symbols as ``var_names``, Ensembl ids kept in ``var['gene_ids']``.
 
@@ -147,7 +148,8 @@ def map_gene_names(adata: ad.AnnData, species: str = "human", *, symbol_column: 
     record: dict = {"species": species, "annotation": ANNOTATION[species], "n_genes": n,
                     "id_type": "symbol", "symbol_source": "var_names", "n_versions_stripped": 0,
                     "n_symbols_from_column": 0, "n_symbols_from_table": 0, "n_ids_kept": 0,
-                    "n_case_fixed": 0, "n_alias_renamed": 0, "n_duplicates_made_unique": 0}
+                    "n_case_fixed": 0, "n_alias_renamed": 0, "n_duplicates_made_unique": 0,
+                    "fix_case": fix_case, "use_aliases": use_aliases, "symbol_column": symbol_column}
     ens_names = is_ensembl(names)
     ids = None
     if n and ens_names.mean() > 0.5:

@@ -484,11 +484,11 @@ def prepare(adata: ad.AnnData, *, values: str = "counts", species: str = "human"
     """The checks and gene naming of :func:`read`, on an AnnData already in memory (returned, changed in place)."""
     adata = validate_matrix(adata, values)
     check_orientation(adata, fmt=fmt, orientation=orientation)
-    genes.map_gene_names(adata, species, symbol_column=symbol_column)
+    genes.map_gene_names(adata, species, symbol_column=symbol_column, key_added=Uns.GENE_MAPPING)
     if values == "log":
         base, how = resolve_log_base(adata, log_base)
-        adata.uns["log1p"] = {"base": base} if base is not None else {}
-        adata.uns["log_base_rule"] = how
+        adata.uns[Uns.LOG1P] = {"base": base} if base is not None else {}
+        adata.uns[Uns.LOG_BASE_RULE] = how
         log.info("values: %s", how)
     if labels and labels not in adata.obs.columns:
         raise MetastemError(f"labels column '{labels}' is not in obs (has: {', '.join(map(str, adata.obs.columns[:10])) or 'none'})",
