@@ -139,3 +139,73 @@ def test_single_sample_qc_is_unchanged(demo_raw, defaults):
     _, cells0, info0 = qc.run_qc(demo_raw.copy(), defaults["qc"], values="counts", species="human", seed=0)
     assert cells1["kept"].equals(cells0["kept"]) and info1["thresholds"] == info0["thresholds"]
     assert list(info1["per_sample"]) == ["only"] and info1["doublet_threshold"] == info0["doublet_threshold"]
+
+
+def _dataset_dir(root, name, per_sample, csc_rows):
+    import json
+
+    d = root / name
+    (d / "qc").mkdir(parents=True)
+    (d / "stemness").mkdir()
+    (d / "tables").mkdir()
+    cells = sum(v["cells_out"] for v in per_sample.values())
+    (d / "qc" / "info.json").write_text(json.dumps({"cells_in": cells + 10, "cells_out": cells, "genes_out": 100,
+                                                    "per_sample": per_sample}))
+    (d / "stemness" / "info.json").write_text(json.dumps({"n_cells": cells,
+                                                          "n_csc_like": sum(r["n_csc_like"] for r in csc_rows)}))
+    pd.DataFrame(csc_rows).to_csv(d / "tables" / "csc_by_sample.tsv", sep="\t", index=False)
+    (d / "report.html").write_text("<html></html>")
+    return d / "report.html"
+
+
+def test_cohort_index_has_a_sortable_row_per_sample(tmp_path):
+    from html.parser import HTMLParser
+
+    from metastem import report
+
+    def csc_row(s, n, mal, k, distinct):
+        return {"sample": s, "n_cells": n, "n_malignant": mal, "n_csc_like": k, "frac_csc_like": k / mal,
+                "distinct": distinct}
+
+    r1 = _dataset_dir(tmp_path, "tumA", {"P1": {"cells_in": 120, "cells_out": 100},
+                                         "P2": {"cells_in": 220, "cells_out": 200}},
+                      [csc_row("P1", 100, 80, 8, True), csc_row("P2", 200, 50, 5, False)])
+    r2 = _dataset_dir(tmp_path, "tumB", {"tumB": {"cells_in": 60, "cells_out": 50}}, [csc_row("tumB", 50, 40, 4, True)])
+    out = tmp_path / "index.html"
+    report.write_index(out, [r1, r2])
+
+    class Rows(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.rows, self.cell, self.in_body, self.table_class = [], None, False, None
+
+        def handle_starttag(self, tag, attrs):
+            if tag == "table":
+                self.table_class = dict(attrs).get("class")
+            if tag == "tbody":
+                self.in_body = True
+            if self.in_body and tag == "tr":
+                self.rows.append([])
+            if self.in_body and tag == "td":
+                self.cell = ""
+
+        def handle_endtag(self, tag):
+            if tag == "td" and self.cell is not None:
+                self.rows[-1].append(" ".join(self.cell.split()))
+                self.cell = None
+
+        def handle_data(self, data):
+            if self.cell is not None:
+                self.cell += data
+
+    p = Rows()
+    p.feed(out.read_text())
+    assert "sortable" in p.table_class
+    by = {(r[0], r[1]): r for r in p.rows}
+    assert set(by) == {("tumA", "P1"), ("tumA", "P2"), ("tumB", "tumB")}
+    assert by[("tumA", "P1")][2:6] == ["100", "80.0%", "10.0%", "yes"]
+    assert by[("tumA", "P2")][2:6] == ["200", "25.0%", "10.0%", "no (quantile share only)"]
+    assert 'href="tumA/report.html"' in out.read_text()
+    frame = report.per_sample_frame({"per_sample": {"P1": {"cells_in": 120, "cells_out": 100}}},
+                                    pd.DataFrame([csc_row("P1", 100, 80, 8, True)]))
+    assert frame.loc[0, "malignant fraction"] == pytest.approx(0.8) and bool(frame.loc[0, "distinct stem-like population"])

@@ -465,6 +465,7 @@ def build_report(dataset: str, stage_files: Mapping[str, Sequence[str]], *, row:
     extra = {"cluster": cluster_view(stage_files.get("cluster", []), captions_dir)}
     final = next((f for f in stage_files.get("pathways", []) if Path(f).name == "final.h5ad"), None)
     extra["stemness"] = stemness_by_label(final, row.get("labels") or None)
+    extra["samples"] = per_sample_view(stages)
     sections = ["simulate"] if row.get("format") == "simulated" else []
     sections += ["qc", "cluster", "stemness", "pseudotime", "pathways"]
     summary = summarise(stages)
@@ -514,14 +515,50 @@ def top_pathway(summary: pd.DataFrame) -> str | None:
     return f"{best['set']} ({effect} {best[effect]:+.2f}{tag})"
 
 
+def per_sample_frame(qc_info: Mapping[str, Any], csc_table: pd.DataFrame | None) -> pd.DataFrame:
+    """One row per sample: cells before and after QC, malignant cells and fraction, CSC-like cells among
+    them, and whether the sample's malignant cells hold a distinct stem-like population (issue 15)."""
+    per = qc_info.get("per_sample") or {}
+    rows = [{"sample": str(s), "cells before QC": v.get("cells_in"), "cells after QC": v.get("cells_out")}
+            for s, v in per.items()]
+    df = pd.DataFrame(rows, columns=["sample", "cells before QC", "cells after QC"])
+    if csc_table is not None and len(csc_table) and "sample" in csc_table:
+        c = csc_table.assign(sample=csc_table["sample"].astype(str))
+        c = pd.DataFrame({"sample": c["sample"], "malignant cells": c["n_malignant"],
+                          "malignant fraction": c["n_malignant"] / c["n_cells"].where(c["n_cells"] > 0),
+                          "CSC-like cells": c["n_csc_like"], "CSC-like fraction of malignant": c["frac_csc_like"],
+                          "distinct stem-like population": c["distinct"].astype(bool)})
+        df = df.merge(c, on="sample", how="outer") if len(df) else c
+    return df
+
+
+def per_sample_view(stages: Mapping[str, Stage]) -> Table | None:
+    """The report's per-sample table (only for datasets of several samples)."""
+    csc_path = stages["stemness"].table_paths.get("csc_by_sample")
+    df = per_sample_frame(stages["qc"].info, read_tsv(csc_path) if csc_path else None)
+    if len(df) < 2:
+        return None
+    caption = Markup("Each sample's cells before and after QC (thresholds and doublets computed per sample), its "
+                     "malignant cells, and its CSC-like cells, called among that sample's malignant cells only. "
+                     "Where a sample has no distinct stem-like population, its CSC-like share is only the quantile "
+                     "rule's, not evidence of a population.")
+    return make_table("samples.tsv", None, df=df, caption=caption)
+
+
 def dataset_summary(dataset_dir: str | Path) -> dict[str, Any]:
-    """The index page's line for one dataset, read from the files its stages wrote."""
+    """The index page's lines for one dataset, read from the files its stages wrote: the dataset's
+    headline numbers and, under ``samples``, one row per sample (``per_sample_frame``)."""
     d = Path(dataset_dir)
     stages = {}
     for key in STAGES:
-        files = [d / key / "info.json"] + ([d / "tables" / "pathways_summary.tsv"] if key == "pathways" else [])
+        files = [d / key / "info.json"] + ([d / "tables" / "pathways_summary.tsv"] if key == "pathways" else []) \
+            + ([d / "tables" / "csc_by_sample.tsv"] if key == "stemness" else [])
         stages[key] = load_stage(key, [str(f) for f in files], None)
-    return {"dataset": d.name, "ran": [k for k in STAGES if stages[k].ran], **summarise(stages)}
+    csc_path = stages["stemness"].table_paths.get("csc_by_sample")
+    samples = per_sample_frame(stages["qc"].info, read_tsv(csc_path) if csc_path else None)
+    samples = samples.astype(object).where(samples.notna(), None)
+    return {"dataset": d.name, "ran": [k for k in STAGES if stages[k].ran], **summarise(stages),
+            "samples": samples.to_dict("records")}
 
 
 def build_index(summaries: Sequence[Mapping[str, Any]], reports: Sequence[str], *,
