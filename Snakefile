@@ -11,6 +11,7 @@ include: "workflow/rules/cluster.smk"
 include: "workflow/rules/stemness.smk"
 include: "workflow/rules/pseudotime.smk"
 include: "workflow/rules/pathways.smk"
+include: "workflow/rules/niche.smk"
 include: "workflow/rules/report.smk"
 
 

@@ -41,6 +41,7 @@ class Obs:
     STEMNESS_PROGRAMME = "stemness_programme"
     STEMNESS_PROLIFERATION = "stemness_proliferation"
     STEMNESS_DIFF_SET_PREFIX = "stemness_diffset_"
+    NICHE_GROUP = "niche_group"  # the cell group of the niche ligand-receptor analysis (metastem.niche)
 
 
 class Obsm:
@@ -80,3 +81,6 @@ class Files:
     PSEUDOTIME_ANNOTATIONS = "pseudotime/annotations.h5ad"
     FINAL_H5AD = "final.h5ad"
     REPORT = "report.html"
+    NICHE_INTERACTIONS = "tables/niche_interactions.tsv"
+    NICHE_FIGURE = "figures/niche_interactions.png"
+    NICHE_INFO = "niche/info.json"

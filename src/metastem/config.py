@@ -26,7 +26,7 @@ SAMPLE_COLUMNS = ["sample", "sample_key", "patient", "condition", "site"]
 SHEET_COLUMNS += SAMPLE_COLUMNS
 SAMPLE_METADATA = ("patient", "condition", "site")
 SAMPLE_FIELDS = ("sample", "path", "format", "orientation", *SAMPLE_METADATA)
-OVERRIDABLE = ("simulate", "qc", "cluster", "malignant", "stemness", "pseudotime", "pathways")
+OVERRIDABLE = ("simulate", "qc", "cluster", "malignant", "stemness", "pseudotime", "pathways", "niche")
 # Folders of OUTDIR that are not datasets: a dataset with one of these ids would share them.
 RESERVED_IDS = ("logs", "benchmarks")
 _HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"

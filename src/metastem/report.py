@@ -33,7 +33,7 @@ from metastem.io import write_text_atomic
 log = logging.getLogger(__name__)
 
 TEMPLATES = Path(__file__).parent / "templates"
-STAGES = ("qc", "cluster", "stemness", "pseudotime", "pathways")
+STAGES = ("qc", "cluster", "stemness", "pseudotime", "pathways", "niche")
 # Tables above this many rows scroll inside a box; above MAX_TABLE_ROWS they are cut (full file on disk).
 SCROLL_ROWS = 15
 MAX_TABLE_ROWS = 500
@@ -391,12 +391,21 @@ def pathways_facts(info: Mapping[str, Any]) -> list[tuple[str, str]]:
     return [(k, str(v)) for k, v in facts if v is not None]
 
 
+def niche_facts(info: Mapping[str, Any]) -> list[tuple[str, str]]:
+    params = info.get("params", {}) or {}
+    axes = info.get("review_axes_specific")
+    facts = [("Cells grouped by", params.get("groupby_used")), ("Interactions scored", info.get("n_interactions")),
+             (f"Specific (permutation p < {params.get('alpha', 0.05)})", info.get("n_specific")),
+             ("The review's axes among them", ", ".join(axes) if axes else ("none" if axes is not None else None))]
+    return [(k, str(v)) for k, v in facts if v is not None]
+
+
 def _fmt(value: Any) -> str | None:
     return None if value is None else _format_cell(float(value) if isinstance(value, (int, float)) else value)
 
 
 FACTS = {"cluster": cluster_facts, "stemness": stemness_facts, "pseudotime": pseudotime_facts,
-         "pathways": pathways_facts}
+         "pathways": pathways_facts, "niche": niche_facts}
 
 
 # ----------------------------------------------------------------------------- methods and provenance
@@ -467,7 +476,7 @@ def build_report(dataset: str, stage_files: Mapping[str, Sequence[str]], *, row:
     extra["stemness"] = stemness_by_label(final, row.get("labels") or None)
     extra["samples"] = per_sample_view(stages)
     sections = ["simulate"] if row.get("format") == "simulated" else []
-    sections += ["qc", "cluster", "stemness", "pseudotime", "pathways"]
+    sections += ["qc", "cluster", "stemness", "pseudotime", "pathways", "niche"]
     summary = summarise(stages)
     return environment().get_template("report.html.j2").render(
         dataset=dataset, row=row, stages=stages, extra=extra, summary=summary,

@@ -18,6 +18,10 @@ _COEFFS = {
     "stemness": (1000, 14.0, 5, 0.006),
     "pseudotime": (500, 3.0, 5, 0.002),
     "pathways": (1700, 14.0, 5, 0.006),
+    # niche (LIANA): reads X of final.h5ad (no counts layer), then works on <= max_cells_per_group cells per
+    # group and the resource's genes, so beyond reading X its cost is flat: 15-50 s at 20k cells on the noisy
+    # 2-core machine, 1-2 GB; conservative until the harness measures it (issue 18)
+    "niche": (2000, 8.0, 10, 0.003),
     "report": (400, 1.0, 5, 0.0),
 }
 _DENSITY = 0.07  # fraction of non-zero entries assumed when only a file size is known (droplet data)
