@@ -3,7 +3,8 @@
 
 def malignant_cells(wildcards) -> list[str]:
     """The malignant stage's per-cell calls (CSC-like cells are called among malignant cells only);
-    none while the workflow has no malignant rule (then every cell counts as malignant, with a note)."""
+    none while the workflow has no malignant rule (then every cell counts as malignant, with a note).
+    """
     if not hasattr(rules, "malignant"):
         return []
     return [rules.malignant.output.cells.format(dataset=wildcards.dataset)]
