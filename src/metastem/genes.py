@@ -90,17 +90,28 @@ def symbol_likeness(names, species: str | None = None) -> float:
     names = [str(n) for n in names]
     if not names:
         return 0.0
-    known: set[str] = set()
-    for sp_ in ([species] if species else list(ENSEMBL_PREFIX)):
-        known |= set(_lookups(sp_)[2])
+    known = _known_lower(species)
     hits = sum(1 for n in names if n.lower() in known or ENSEMBL.match(n) or ERCC.match(n))
     return hits / len(names)
 
 
-def _aliases(species: str) -> dict[str, str]:
-    from metastem.genesets import read_aliases, shipped
+@functools.lru_cache(maxsize=3)
+def _known_lower(species: str | None) -> frozenset[str]:
+    known: set[str] = set()
+    for sp_ in ([species] if species else list(ENSEMBL_PREFIX)):
+        known |= set(_lookups(sp_)[2])
+    return frozenset(known)
 
-    return read_aliases(shipped("aliases_human.tsv"), species)
+
+@functools.lru_cache(maxsize=2)
+def _aliases(species: str) -> dict[str, str]:
+    """{retired symbol: current symbol} of the shipped alias table (``data/gene_sets/aliases_human.tsv``,
+    which holds both species), read without importing the gene-set scorers (numba)."""
+    path = resources.files("metastem") / "data" / "gene_sets" / "aliases_human.tsv"
+    with resources.as_file(path) as p:
+        tab = pd.read_csv(p, sep="\t", comment="#", dtype=str)
+    tab = tab[tab["species"] == species]
+    return dict(zip(tab["alias"], tab["symbol"]))
 
 
 def _pick_column(var: pd.DataFrame, candidates: tuple[str, ...], want_ensembl: bool) -> str | None:
