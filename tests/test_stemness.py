@@ -102,8 +102,11 @@ def test_pbmc_cd34_most_stem_like(defaults, stem_params):
     # With the defaults the 765 genes are below stemness.min_genes_for_gene_counts (1000): flagged.
     flagged = adata.copy()
     info = stemness.score_stemness(flagged, species="human", seed=0, **stem_params)
-    assert info["low_complexity"] and info["method_used"] == "gene_sets" and info["direction"] == "unconfirmed"
+    assert info["low_complexity"] and info["method_used"] == "programmes" and info["direction"] == "unconfirmed"
     assert any("765 genes" in n for n in info["notes"])
+    # the signed programmes alone (no gene counts) also put CD34+ first (measured 0.98 vs 0.77 Dendritic)
+    flagged_medians = flagged.obs.groupby("bulk_labels", observed=True)["stemness"].median().sort_values(ascending=False)
+    assert flagged_medians.index[0] == "CD34+", flagged_medians.to_dict()
     # These 765 genes are the variable genes of a whole-transcriptome 10x assay, not a panel, so the
     # per-dataset override a user would set applies (sheet params: stemness.min_genes_for_gene_counts=500).
     info = stemness.score_stemness(adata, species="human", seed=0, **dict(stem_params, min_genes_for_gene_counts=500))
@@ -206,10 +209,10 @@ def test_targeted_panel_falls_back_to_signature(demo_clustered, stem_params):
     low, reason = stemness.is_low_complexity(sub, min_genes_for_gene_counts=stem_params["min_genes_for_gene_counts"])
     assert low and "240 genes" in reason
     info = stemness.score_stemness(sub, species="human", seed=0, **stem_params)
-    assert info["method_used"] == "gene_sets" and info["method_requested"] == "consensus"
-    assert any("low-complexity" in n and "signature" in n for n in info["notes"])
-    np.testing.assert_allclose(sub.obs["stemness"], sub.obs["stemness_signature"])
-    assert roc_auc_score(sub.obs["true_stem_like"], sub.obs["stemness"]) >= 0.95  # measured 0.983
+    assert info["method_used"] == "programmes" and info["method_requested"] == "consensus"
+    assert any("low-complexity" in n and "programme" in n for n in info["notes"])
+    np.testing.assert_allclose(sub.obs["stemness"], sub.obs["stemness_programme"])
+    assert roc_auc_score(sub.obs["true_stem_like"], sub.obs["stemness"]) >= 0.95  # measured 0.986
 
 
 def test_low_median_genes_is_low_complexity(demo_clustered, stem_params):
@@ -263,6 +266,18 @@ def test_figures_written_or_explained(demo_scored, tmp_path):
     assert plots_stemness.plot_stemness_by_label(adata, path, "true_state") is None and path.exists()
     reason = plots_stemness.plot_stemness_by_label(adata, tmp_path / "none.png", None)
     assert "no labels column" in reason and not (tmp_path / "none.png").exists()
+    # library shape: nothing saved unless asked, the Figure when return_fig, an existing Axes drawn into
+    import matplotlib.pyplot as plt
+
+    fig = plots_stemness.plot_cluster_stemness(adata, return_fig=True)
+    assert isinstance(fig, plt.Figure) and len(list(tmp_path.iterdir())) == 4   # nothing new written
+    _, ax = plt.subplots()
+    assert plots_stemness.plot_stemness_vs_gene_counts(adata, ax=ax, return_fig=True) is ax.figure
+    assert ax.get_xlabel().startswith("genes detected")
+    plt.close("all")
+    unscored = adata.copy()
+    unscored.obs["stemness"] = np.nan
+    assert "not computed" in plots_stemness.plot_umap_stemness(unscored)
 
 
 # ----------------------------------------------------------------------------- gene sets
@@ -374,7 +389,7 @@ def test_combination_rule_branches():
     assert verdict["direction"] == "supported" and verdict["source"] == "cytotrace"
     backwards = noise(-1)                            # breadth runs backwards, identity evidence is right
     score, verdict = stemness.combine_stemness(backwards, noise(1), noise(1))
-    assert verdict["direction"] == "uncertain" and "disagree" in verdict["reason"]
+    assert verdict["direction"] == "uncertain" and "do not agree" in verdict["reason"]
     assert spearmanr(score, truth)[0] > 0.9          # the score follows programmes + proliferation
     score, verdict = stemness.combine_stemness(backwards, None, noise(1))
     assert verdict["direction"] == "unconfirmed"     # nothing independent: breadth kept, not trusted blindly
@@ -399,7 +414,7 @@ def test_panel_without_stemness_genes_refused_or_skipped_when_not_required(demo_
     in_sets = {g for path in (stem_params["gene_sets"] + stem_params["differentiation_sets"])
                for genes in read_gmt(path.replace("{species}", "human")).values() for g in genes}
     sub = demo_clustered[:, [g for g in demo_clustered.var_names if g not in in_sets][:200]].copy()
-    with pytest.raises(MetastemError, match="no stemness gene set") as err:
+    with pytest.raises(MetastemError, match="no stemness or differentiation gene set") as err:
         stemness.score_stemness(sub.copy(), species="human", seed=0, **stem_params)
     assert "stemness.required: false" in str(err.value)
     info = stemness.score_stemness(sub, species="human", seed=0, **dict(stem_params, required=False))
@@ -428,3 +443,39 @@ def test_copy_and_uns_record(demo_clustered, stem_params, tmp_path):
     assert json.loads(rec["params_json"])["min_agreement"] == stem_params["min_agreement"]
     assert json.loads(rec["info_json"])["direction"] == rec["direction"] == "supported"
     out.write_h5ad(tmp_path / "scored.h5ad")     # uns is h5ad-writable (no None inside)
+
+
+def test_report_says_direction_uncertain_prominently(demo_clustered, stem_params, defaults, repo, tmp_path):
+    """A run whose signals disagree (forced here with min_agreement = 0.99; measured agreement 0.71) gets a
+    'Direction uncertain' box naming the reason and the label root; an agreeing run gets none."""
+    from html.parser import HTMLParser
+
+    from metastem import report
+    from metastem.smk import write_json_atomic
+
+    class Text(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.parts = []
+
+        def handle_data(self, data):
+            self.parts.append(data)
+
+    def page(info: dict) -> str:
+        path = tmp_path / "stemness/info.json"
+        path.parent.mkdir(exist_ok=True)
+        write_json_atomic({k: v for k, v in info.items() if k != "gene_set_coverage"}, path)
+        html = report.build_report("demo", {"stemness": [str(path)]}, row={"format": "h5ad", "species": "human"},
+                                   params=defaults, captions=repo / "workflow/report")
+        parser = Text()
+        parser.feed(html)
+        return " ".join(" ".join(parser.parts).split())
+
+    unsure = stemness.score_stemness(demo_clustered.copy(), species="human", seed=0,
+                                     **dict(stem_params, min_agreement=0.99))
+    assert unsure["direction"] == "uncertain"
+    text = page(unsure)
+    assert "Direction uncertain." in text and "do not agree on the direction (Spearman +0.71" in text
+    assert "pseudotime.root: 'label:<value>'" in text
+    assert "Direction uncertain" not in page(stemness.score_stemness(demo_clustered.copy(), species="human", seed=0,
+                                                                     **stem_params))

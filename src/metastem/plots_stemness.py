@@ -1,8 +1,9 @@
 """Stemness figures: UMAP, per-cluster distributions, score vs the gene-count baseline, per known label.
 
-Every function returns None when it wrote the figure, or a sentence saying why there was nothing
-to draw; the caller puts that sentence in the report instead of an empty axis. Colours are
-colour-blind safe: viridis for continuous values, Okabe-Ito for categories.
+Library shape (issue 14): ``save=None`` (a path; nothing is written unless given), ``ax=None`` (draw
+into an existing Axes), ``return_fig=False`` (return the Figure). When there is nothing to draw a
+function returns a sentence saying why, and the caller puts it in the report instead of an empty
+axis. Colours are colour-blind safe: viridis for continuous values, Okabe-Ito for categories.
 """
 from __future__ import annotations
 
@@ -21,11 +22,32 @@ OKABE_ITO = ["#E69F00", "#56B4E9", "#009E73", "#F0E442", "#0072B2", "#D55E00", "
 CONTINUOUS = "viridis"
 
 
-def _save(fig: plt.Figure, path: str | os.PathLike) -> None:
-    os.makedirs(os.path.dirname(os.fspath(path)) or ".", exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=150)
-    plt.close(fig)
+def _axes(ax: plt.Axes | None, figsize: tuple[float, float]) -> tuple[plt.Figure, plt.Axes, bool]:
+    """The Axes to draw into, and whether this function owns (and may close) its Figure."""
+    if ax is not None:
+        return ax.figure, ax, False
+    fig, ax = plt.subplots(figsize=figsize)
+    return fig, ax, True
+
+
+def _finish(fig: plt.Figure, save: str | os.PathLike | None, return_fig: bool, own: bool) -> plt.Figure | None:
+    """Write the figure when ``save`` is given; return it when ``return_fig``; else close a figure made here."""
+    if save is not None:
+        os.makedirs(os.path.dirname(os.fspath(save)) or ".", exist_ok=True)
+        if own:
+            fig.tight_layout()
+        fig.savefig(save, dpi=150)
+    if return_fig:
+        return fig
+    if own:
+        plt.close(fig)
+    return None
+
+
+def _not_scored(adata: ad.AnnData) -> str | None:
+    """The sentence for a run whose stemness could not be computed (stemness.required: false)."""
+    s = adata.obs["stemness"].to_numpy(dtype=float) if "stemness" in adata.obs else np.array([np.nan])
+    return None if np.isfinite(s).any() else "Stemness was not computed for this dataset, so there is nothing to draw."
 
 
 def _point_size(n: int) -> float:
@@ -33,14 +55,17 @@ def _point_size(n: int) -> float:
     return float(np.clip(3e4 / max(n, 1), 0.5, 30))
 
 
-def plot_umap_stemness(adata: ad.AnnData, path: str | os.PathLike) -> str | None:
+def plot_umap_stemness(adata: ad.AnnData, save: str | os.PathLike | None = None, *, ax: plt.Axes | None = None,
+                       return_fig: bool = False) -> plt.Figure | str | None:
     """UMAP coloured by stemness, CSC-like cells outlined; the most stem-like cells are drawn last."""
+    if _not_scored(adata):
+        return _not_scored(adata)
     if "X_umap" not in adata.obsm:
         return "No UMAP embedding is available, so stemness is not shown on a UMAP."
     xy = adata.obsm["X_umap"]
     s = adata.obs["stemness"].to_numpy()
     order = np.argsort(s)
-    fig, ax = plt.subplots(figsize=(6.2, 5.2))
+    fig, ax, own = _axes(ax, (6.2, 5.2))
     pts = ax.scatter(xy[order, 0], xy[order, 1], c=s[order], cmap=CONTINUOUS, vmin=0, vmax=1,
                      s=_point_size(len(s)), linewidths=0, rasterized=True)
     csc = adata.obs["csc_like"].to_numpy()[order]
@@ -53,9 +78,9 @@ def plot_umap_stemness(adata: ad.AnnData, path: str | os.PathLike) -> str | None
     ax.set_ylabel("UMAP 2")
     ax.set_xticks([])
     ax.set_yticks([])
-    ax.set_title("Stemness per cell")
-    _save(fig, path)
-    return None
+    direction = adata.uns.get("stemness", {}).get("direction") if isinstance(adata.uns.get("stemness"), dict) else None
+    ax.set_title("Stemness per cell" + (" (direction uncertain)" if direction == "uncertain" else ""))
+    return _finish(fig, save, return_fig, own)
 
 
 def _distributions(ax: plt.Axes, groups: pd.Series, values: pd.Series, order: list[str]) -> None:
@@ -71,28 +96,33 @@ def _distributions(ax: plt.Axes, groups: pd.Series, values: pd.Series, order: li
     ax.set_ylabel("stemness")
 
 
-def plot_cluster_stemness(adata: ad.AnnData, path: str | os.PathLike, cluster_key: str = "leiden") -> str | None:
+def plot_cluster_stemness(adata: ad.AnnData, save: str | os.PathLike | None = None, cluster_key: str = "leiden", *,
+                          ax: plt.Axes | None = None, return_fig: bool = False) -> plt.Figure | str | None:
     """Violin + box of stemness per cluster, clusters ordered by median stemness (highest first)."""
+    if _not_scored(adata):
+        return _not_scored(adata)
     if cluster_key not in adata.obs or adata.obs[cluster_key].nunique() < 2:
         return f"There is a single cluster ('{cluster_key}'), so stemness is not compared across clusters."
     obs = adata.obs[[cluster_key, "stemness"]].astype({cluster_key: str})
     order = obs.groupby(cluster_key)["stemness"].median().sort_values(ascending=False).index.tolist()
-    fig, ax = plt.subplots(figsize=(max(5.0, 0.5 * len(order) + 2), 4.2))
+    fig, ax, own = _axes(ax, (max(5.0, 0.5 * len(order) + 2), 4.2))
     _distributions(ax, obs[cluster_key], obs["stemness"], order)
     ax.set_xlabel(f"cluster ({cluster_key}), ordered by median stemness")
     ax.set_title("Stemness per cluster")
-    _save(fig, path)
-    return None
+    return _finish(fig, save, return_fig, own)
 
 
-def plot_stemness_vs_gene_counts(adata: ad.AnnData, path: str | os.PathLike) -> str | None:
+def plot_stemness_vs_gene_counts(adata: ad.AnnData, save: str | os.PathLike | None = None, *,
+                                 ax: plt.Axes | None = None, return_fig: bool = False) -> plt.Figure | str | None:
     """Stemness against the raw genes-detected baseline, to show what the score adds to it."""
+    if _not_scored(adata):
+        return _not_scored(adata)
     gc = adata.obs["stemness_gene_counts"].to_numpy(dtype=float)
     s = adata.obs["stemness"].to_numpy()
     if np.ptp(gc) == 0:
         return "Every cell detects the same number of genes, so there is no gene-count baseline to compare with."
     rho = spearmanr(s, gc)[0]
-    fig, ax = plt.subplots(figsize=(5.2, 4.4))
+    fig, ax, own = _axes(ax, (5.2, 4.4))
     csc = adata.obs["csc_like"].to_numpy()
     ax.scatter(gc[~csc], s[~csc], s=_point_size(len(s)), color=OKABE_ITO[1], alpha=0.6, linewidths=0,
                label="other cells", rasterized=True)
@@ -102,12 +132,14 @@ def plot_stemness_vs_gene_counts(adata: ad.AnnData, path: str | os.PathLike) -> 
     ax.set_ylabel("stemness")
     ax.set_title(f"Stemness vs genes detected (Spearman {rho:.2f})")
     ax.legend(frameon=False, fontsize=9, markerscale=3)
-    _save(fig, path)
-    return None
+    return _finish(fig, save, return_fig, own)
 
 
-def plot_stemness_by_label(adata: ad.AnnData, path: str | os.PathLike, label_key: str | None) -> str | None:
+def plot_stemness_by_label(adata: ad.AnnData, save: str | os.PathLike | None = None, label_key: str | None = None, *,
+                           ax: plt.Axes | None = None, return_fig: bool = False) -> plt.Figure | str | None:
     """Stemness per known label (the sheet's labels column), ordered by median stemness."""
+    if _not_scored(adata):
+        return _not_scored(adata)
     if not label_key:
         return "The dataset has no labels column, so stemness is not shown per known label."
     if label_key not in adata.obs:
@@ -117,9 +149,8 @@ def plot_stemness_by_label(adata: ad.AnnData, path: str | os.PathLike, label_key
         return f"The labels column '{label_key}' holds a single value, so there is nothing to compare."
     obs = pd.DataFrame({"label": labels, "stemness": adata.obs["stemness"]})
     order = obs.groupby("label")["stemness"].median().sort_values(ascending=False).index.tolist()
-    fig, ax = plt.subplots(figsize=(max(5.0, 0.55 * len(order) + 2), 4.4))
+    fig, ax, own = _axes(ax, (max(5.0, 0.55 * len(order) + 2), 4.4))
     _distributions(ax, obs["label"], obs["stemness"], order)
     ax.set_xlabel(f"{label_key}, ordered by median stemness")
     ax.set_title("Stemness per known label")
-    _save(fig, path)
-    return None
+    return _finish(fig, save, return_fig, own)

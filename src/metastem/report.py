@@ -362,7 +362,16 @@ def stemness_facts(info: Mapping[str, Any]) -> list[tuple[str, str]]:
     if method and info.get("method_requested") not in (None, method):
         method = f"{method} (requested {info['method_requested']})"
     rho = corr.get("stemness_vs_gene_counts")
+    direction = info.get("direction")
+    if direction:   # issue 17: whether independent evidence agrees on which end is the stem end
+        direction = f"{direction}: {info['direction_reason']}" if info.get("direction_reason") else direction
+    ingredients = info.get("stemness_vs_ingredient") or {}
     facts = [("Score", method),
+             ("Direction", direction),
+             ("Score follows", info.get("score_source")),
+             ("Spearman of the score with each ingredient", "; ".join(
+                 f"{k.removeprefix('stemness_').replace('_', ' ')} {_fmt(v) or '–'}" for k, v in ingredients.items())
+              or None),
              ("CSC-like cells", _pct(info.get("n_csc_like"), info.get("n_cells"))),
              ("CSC-like threshold (stemness ≥)", _fmt(info.get("csc_threshold"))),
              ("Median genes detected per cell", _fmt(info.get("median_genes_detected"))),

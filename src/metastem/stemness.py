@@ -453,13 +453,14 @@ def transcriptional_entropy(adata: ad.AnnData, *, key_added: str = Obs.STEMNESS_
         B = row_block(X, rows)
         m = rows.stop - rows.start
         if sp.issparse(B):
-            B = sp.csr_matrix(B, dtype=np.float64, copy=True)
-            B.data = np.expm1(np.clip(B.data, 0, None) * scale)
-            sums = np.asarray(B.sum(axis=1)).ravel()
+            # H = ln S - sum(x ln x) / S with S = sum(x): one expm1 and one log per stored value
+            B = sp.csr_matrix(B)
+            x = np.expm1(np.clip(B.data, 0, None).astype(np.float64) * scale)
             row_of = np.repeat(np.arange(m), np.diff(B.indptr))
-            p = np.divide(B.data, sums[row_of], out=np.zeros_like(B.data), where=sums[row_of] > 0)
-            h = np.where(p > 0, -p * np.log(np.where(p > 0, p, 1.0)), 0.0)
-            H[rows] = np.bincount(row_of, weights=h, minlength=m)
+            S = np.bincount(row_of, weights=x, minlength=m)
+            xlogx = x * np.log(np.where(x > 0, x, 1.0))
+            T = np.bincount(row_of, weights=xlogx, minlength=m)
+            H[rows] = np.where(S > 0, np.log(np.where(S > 0, S, 1.0)) - T / np.where(S > 0, S, 1.0), 0.0)
         else:
             E = np.expm1(np.clip(np.asarray(B, dtype=np.float64), 0, None) * scale)
             sums = E.sum(axis=1, keepdims=True)
@@ -619,7 +620,8 @@ def combine_stemness(breadth: np.ndarray, programme: np.ndarray | None, prolifer
     return rank_rescale(np.mean(parts, axis=0)), {
         "direction": "uncertain", "source": f"identity ({used})", "agreement": rho,
         "reason": (f"the CytoTRACE-style score (genes detected) and the curated stem-minus-differentiation programmes "
-                   f"disagree (Spearman {rho:+.2f} across cells, below stemness.min_agreement = {min_agreement:g}). "
+                   f"do not agree on the direction (Spearman {rho:+.2f} across cells, below stemness.min_agreement = "
+                   f"{min_agreement:g}). "
                    "Gene counts run backwards where differentiated cells are large or transcriptionally busy, so the "
                    f"score follows the {used}, which do not count genes; which end is the stem end is not certain")}
 
@@ -669,7 +671,8 @@ def score_stemness(adata: ad.AnnData, *, species: str = "human", method: str = "
     the curated programmes agree with it, the programme/proliferation evidence where they do not
     (direction ``'uncertain'``). ``'cytotrace'``, ``'gene_sets'`` and ``'gene_counts'`` force one
     source; the direction verdict is computed the same way for every method. On low-complexity
-    data (panels) the stem signature replaces gene-count scores, with a note. Where no score can be
+    data (panels) the signed programme score replaces gene-count scores (``method_used =
+    'programmes'``), with a note. Where no score can be
     computed the data are refused with one line, unless ``required=False``: then stemness is NaN,
     nothing is CSC-like and the info says so (``status='not_computed'``).
 
@@ -713,16 +716,19 @@ def score_stemness(adata: ad.AnnData, *, species: str = "human", method: str = "
     combined, verdict = combine_stemness(obs[Obs.STEMNESS_CYTOTRACE].to_numpy(), programme, proliferation,
                                          min_agreement=min_agreement)
     used, refusal = method, None
+    has_programme = programme is not None and np.ptp(programme) > 0
     if low and method != "gene_sets":
-        used = "gene_sets"
-        if has_signature:
-            notes.append(f"low-complexity data: {reason}. Stemness uses the stemness signature score instead of "
-                         f"'{method}', because the number of genes detected does not measure transcriptional breadth here")
-        verdict = {"direction": "unconfirmed", "source": "stem signature", "agreement": verdict["agreement"],
-                   "reason": f"low-complexity data ({reason}): gene counts cannot check the curated signature"}
-    if used == "gene_sets" and not has_signature:
-        refusal = (f"low-complexity data ({reason}) and no stemness gene set has {MIN_SET_GENES} genes in it, so no "
-                   "stemness score is meaningful" if low else
+        # a panel: genes detected measure panel design, not breadth; the signed programmes still measure identity
+        used = "programmes"
+        if has_programme:
+            notes.append(f"low-complexity data: {reason}. Stemness uses the curated stem-minus-differentiation "
+                         f"programme score instead of '{method}', because the number of genes detected does not "
+                         "measure transcriptional breadth here")
+        verdict = {"direction": "unconfirmed", "source": "programmes", "agreement": verdict["agreement"],
+                   "reason": f"low-complexity data ({reason}): gene counts cannot check the curated programmes"}
+    if (used == "gene_sets" and not has_signature) or (used == "programmes" and not has_programme):
+        refusal = (f"low-complexity data ({reason}) and no stemness or differentiation gene set has {MIN_SET_GENES} "
+                   "genes in it, so no stemness score is meaningful" if low else
                    f"stemness.method is 'gene_sets' but no stemness set has {MIN_SET_GENES} genes in the data")
         if required:
             raise MetastemError(refusal, fix=("add a GMT of stemness genes measured by this panel to stemness.gene_sets, "
@@ -736,7 +742,8 @@ def score_stemness(adata: ad.AnnData, *, species: str = "human", method: str = "
     else:
         final = {"consensus": combined, "cytotrace": obs[Obs.STEMNESS_CYTOTRACE].to_numpy(),
                  "gene_counts": rank_rescale(n_detected.astype(float)),
-                 "gene_sets": obs[Obs.STEMNESS_SIGNATURE].to_numpy() if has_signature else None}[used]
+                 "gene_sets": obs[Obs.STEMNESS_SIGNATURE].to_numpy() if has_signature else None,
+                 "programmes": obs[Obs.STEMNESS_PROGRAMME].to_numpy() if has_programme else None}[used]
         if used != "consensus" and not low:
             verdict = dict(verdict, source=used)
     obs[key_added] = final
@@ -778,10 +785,41 @@ def score_stemness(adata: ad.AnnData, *, species: str = "human", method: str = "
         "gene_set_coverage": coverage.to_dict("records"),
         "params": {k: v for k, v in params.items() if not isinstance(v, Mapping)}, "notes": notes,
     }
+    info["methods"] = methods_text(info)
     adata.uns[key_added] = {"params_json": json.dumps(info["params"]), "info_json": json.dumps(
         {k: v for k, v in info.items() if k != "gene_set_coverage"}), "direction": info["direction"],
         "method_used": used}
     return info
+
+
+def methods_text(info: Mapping[str, Any]) -> str:
+    """The methods paragraph for the report: what was computed, with citations, and what this run decided."""
+    p = info["params"]
+    text = (
+        "Stemness combines ingredients of two kinds. Transcriptional breadth: a CytoTRACE-style score (Gulati et al., "
+        "Science 2020; doi:10.1126/science.aax0249), i.e. the mean census-normalised expression of the "
+        f"{p['n_signature_genes']} genes most correlated with genes detected, regressed (non-negative least squares) "
+        f"and diffused (alpha {p['diffusion_alpha']:g}) over the kNN graph, re-implemented from the published "
+        "description; genes detected, raw and adjusted for sequencing depth within Leiden clusters; and Shannon "
+        "entropy of normalised expression (as in StemID, Grün et al., Cell Stem Cell 2016, and SCENT, Teschendorff & "
+        "Enver, Nat Commun 2017, here without a protein network). Identity: the strongest curated stem/progenitor "
+        "programme minus the strongest terminal-differentiation programme per cell (the form of Tirosh et al.'s "
+        "stemness score, Nature 2016; scanpy score_genes), and proliferation (the larger of the S and G2/M scores of "
+        "Tirosh et al., Science 2016). Rule, fixed in advance for every dataset: where the CytoTRACE-style score and "
+        f"the programme score agree (Spearman across cells at least {p['min_agreement']:g}) the score is the "
+        "CytoTRACE-style score; where they disagree the direction is reported as uncertain and the score is the mean "
+        "rank of the programme and proliferation scores, because gene counts run backwards where differentiated cells "
+        "are large or transcriptionally busy; with no measurable programme the CytoTRACE-style score is used, "
+        "unconfirmed. Spearman values across cells are descriptive agreements, not tests (cells are not "
+        "independent replicates).")
+    outcome = {"supported": "In this dataset the two kinds of evidence agreed",
+               "uncertain": "In this dataset they disagreed: direction uncertain",
+               "unconfirmed": "In this dataset nothing independent could check the direction",
+               "not computed": "In this dataset no stemness score could be computed"}.get(info["direction"], "")
+    agreement = info.get("agreement_cytotrace_vs_programme")
+    used = f" (method '{info['method_used']}', score from {info['score_source']}" + (
+        f", agreement {agreement:+.2f})" if agreement is not None else ")")
+    return f"{text} {outcome}{used}." if outcome else text
 
 
 def stemness_gene_correlations(adata: ad.AnnData, n: int = 25, key: str = "stemness") -> pd.DataFrame:
