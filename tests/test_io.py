@@ -464,6 +464,12 @@ def test_log_base_that_cannot_be_told_is_refused_in_one_line(tmp_path):
     assert "dataset 'ds1'" in msg and str(p) in msg and "Fix: set the log_base column" in msg and "\n" not in msg
     a = io.read_dataset({**row(p, "h5ad", values="log"), "log_base": "e"}, {"seed": 0})
     assert a.uns["log1p"].get("base") is None and "declared" in a.uns["log_base_rule"]
+    # the declaration travels with the file to the cluster stage (qc.h5ad), which does not detect again
+    from metastem import cluster
+
+    io.write_h5ad_atomic(a, tmp_path / "qc.h5ad")
+    back = ad.read_h5ad(tmp_path / "qc.h5ad")
+    assert "log base e (declared" in cluster.normalize(back, values="log", target_sum=1e4)
 
 
 def test_unlog_helper():

@@ -487,7 +487,7 @@ def prepare(adata: ad.AnnData, *, values: str = "counts", species: str = "human"
     genes.map_gene_names(adata, species, symbol_column=symbol_column, key_added=Uns.GENE_MAPPING)
     if values == "log":
         base, how = resolve_log_base(adata, log_base)
-        adata.uns[Uns.LOG1P] = {"base": base} if base is not None else {}
+        adata.uns[Uns.LOG1P] = {"base": base}   # scanpy's convention: None = e
         adata.uns[Uns.LOG_BASE_RULE] = how
         log.info("values: %s", how)
     if labels and labels not in adata.obs.columns:
