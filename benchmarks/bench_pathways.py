@@ -1,18 +1,21 @@
-"""Time and peak memory of the pathway stage: per-cell scores, and separately GSEA/ssGSEA.
+"""Time and peak memory of the pathway stage: scores with the matched null, and separately GSEA/ssGSEA.
 
 Usage (from the repository root):
-    .venv/bin/python benchmarks/bench_pathways.py            # 10k and 100k cells (minutes)
-    .venv/bin/python benchmarks/bench_pathways.py --quick    # smoke test, < 1 min
+    .venv/bin/python benchmarks/bench_pathways.py                       # 20k, 50k and 100k cells (minutes)
+    .venv/bin/python benchmarks/bench_pathways.py --quick               # smoke test, < 1 min
+    .venv/bin/python benchmarks/bench_pathways.py --sizes 100000 --genes 10000
 
 Each size is simulated with ``metastem.simulate.simulate_tumour`` and log-normalised; Leiden
 clusters are replaced by the simulator's true states (clustering is not what is timed) and
-``csc_like`` by ``true_stem_like``. Timed steps, each with tracemalloc's peak of Python/numpy
-allocations (tracemalloc slows the timing a little):
-- per-cell scores of the curated sets with each scorer (score_genes, aucell);
-- the Wilcoxon ranking of CSC-like vs other cells (scanpy), then GSEA prerank (gseapy);
+``csc_like`` by ``true_stem_like``; cells are split into four samples so the per-sample statistics
+run as they do on a cohort. Timed steps, each with tracemalloc's peak of Python/numpy allocations
+(tracemalloc slows the timing a little):
+- ``score_pathways`` with the config defaults: AUCell of the curated sets and of ``n_null`` (1000)
+  matched random sets per set in one pass over the cells, per-sample effects, bootstrap CIs;
+- the same with ``n_null=0`` and ``n_boot=100`` (what the null and the bootstrap add);
+- the Wilcoxon ranking of CSC-like vs other cells, then GSEA prerank (gseapy);
 - ssGSEA of per-cluster pseudobulk profiles (gseapy).
-AUROC is how well each set's score recovers the cells carrying the planted programmes
-(``true_programme``), as the median over the planted sets.
+Compare ``score`` with the clustering stage at the same size (README: 75 s at 105k cells).
 """
 from __future__ import annotations
 
@@ -56,28 +59,30 @@ def median_planted_auroc(adata) -> float:
     from metastem.simulate import PLANTED_PROGRAMMES
 
     truth = adata.obs["true_programme"].to_numpy()
-    return float(np.median([roc_auc_score(truth, adata.obs[f"pathway_{s}"]) for s in PLANTED_PROGRAMMES
-                            if f"pathway_{s}" in adata.obs]))
+    aurocs = [roc_auc_score(truth, adata.obs[f"pathway_{s}"]) for s in PLANTED_PROGRAMMES if f"pathway_{s}" in adata.obs]
+    return float(np.median(aurocs)) if aurocs else float("nan")
 
 
 def bench(n_cells: int, n_genes: int, permutations: int) -> dict:
     from metastem import pathways as pw
-    from metastem.genesets import read_aliases
 
     t0 = time.perf_counter()
     adata = prepared(n_cells, n_genes)
+    adata.obs["sample"] = np.array(["S0", "S1", "S2", "S3"])[np.arange(adata.n_obs) % 4]
     row = {"cells": adata.n_obs, "genes": adata.n_vars, "nnz": adata.X.nnz, "prep_s": time.perf_counter() - t0}
-    sets = pw.load_pathway_sets([str(REPO / "config/gene_sets/metastasis_{species}.gmt")], [], "human")
-    aliases = read_aliases(REPO / "config/gene_sets/aliases_human.tsv", "human")
-    for scorer in ("score_genes", "aucell"):
-        with measured(row, scorer):
-            cov = pw.score_pathways(adata, sets, scorer=scorer, seed=0, aliases=aliases)
-        row[f"{scorer}_auroc"] = median_planted_auroc(adata)
-    resolved = {k: v for k, v in pw.resolved_sets(cov).items() if k in pw.scored_sets(adata)}
+    pw.score_pathways(adata[:2000].copy(), n_null=10, n_boot=10, exclude_genes=[])  # compile outside the timing
+    with measured(row, "no_null"):
+        pw.score_pathways(adata, n_null=0, n_boot=100, exclude_genes=[])
+    with measured(row, "score"):
+        st = pw.score_pathways(adata, exclude_genes=[])
+    row["n_sets"] = int((st.details["n_used"] > 0).sum())
+    row["auroc"] = median_planted_auroc(adata)
+    resolved = {k: v for k, v in pw.resolved_sets(st.coverage).items() if k in pw.scored_sets(adata)}
     with measured(row, "wilcoxon"):
-        ranking = pw.wilcoxon_ranking(adata)
+        ranking = pw.wilcoxon_ranking(adata, max_cells=10_000)
     with measured(row, "prerank"):
-        pw.gsea_prerank(ranking, resolved, permutations=permutations, seed=0)
+        pw.gsea_prerank(ranking, {k: v for k, v in resolved.items() if len(v) >= 5}, permutations=permutations,
+                        seed=0, min_size=5)
     with measured(row, "ssgsea"):
         pw.ssgsea_pseudobulk(adata, resolved, seed=0)
     return row
@@ -86,21 +91,21 @@ def bench(n_cells: int, n_genes: int, permutations: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke test (< 1 min)")
-    parser.add_argument("--genes", type=int, default=4000, help="simulated genes (default 4000)")
+    parser.add_argument("--genes", type=int, default=10000, help="simulated genes (default 10000)")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[20_000, 50_000, 100_000], help="cells per run")
     parser.add_argument("--permutations", type=int, default=1000, help="GSEA permutations (config default 1000)")
     args = parser.parse_args()
-    sizes = (1000, 4000) if args.quick else (10_000, 100_000)
+    sizes = (1000, 4000) if args.quick else tuple(args.sizes)
     perms = min(args.permutations, 100) if args.quick else args.permutations
     rows = [bench(n, args.genes, perms) for n in sizes]
-    print(f"{'cells':>7} {'genes':>5} {'nnz':>10} | {'score_genes s/MB/AUROC':>22} | {'aucell s/MB/AUROC':>19} | "
-          f"{'wilcoxon s/MB':>13} | {'prerank s/MB':>12} | {'ssgsea s/MB':>11}")
+    print(f"{'cells':>7} {'genes':>5} {'nnz':>11} {'sets':>4} | {'score s/MB':>12} | {'no-null s/MB':>12} | "
+          f"{'wilcoxon s/MB':>13} | {'prerank s/MB':>12} | {'ssgsea s/MB':>11} | AUROC")
     for r in rows:
-        print(f"{r['cells']:>7} {r['genes']:>5} {r['nnz']:>10} | "
-              f"{r['score_genes_s']:>7.2f} {r['score_genes_mb']:>7.0f} {r['score_genes_auroc']:>6.3f} | "
-              f"{r['aucell_s']:>6.2f} {r['aucell_mb']:>6.0f} {r['aucell_auroc']:>5.3f} | "
-              f"{r['wilcoxon_s']:>6.2f} {r['wilcoxon_mb']:>6.0f} | {r['prerank_s']:>5.2f} {r['prerank_mb']:>6.0f} | "
-              f"{r['ssgsea_s']:>5.2f} {r['ssgsea_mb']:>5.0f}")
-    print(f"GSEA prerank permutations: {perms}; {len(rows)} sizes; prep (simulate + normalise) "
+        print(f"{r['cells']:>7} {r['genes']:>5} {r['nnz']:>11} {r['n_sets']:>4} | {r['score_s']:>6.1f} {r['score_mb']:>5.0f} | "
+              f"{r['no_null_s']:>6.1f} {r['no_null_mb']:>5.0f} | {r['wilcoxon_s']:>6.2f} {r['wilcoxon_mb']:>6.0f} | "
+              f"{r['prerank_s']:>5.2f} {r['prerank_mb']:>6.0f} | {r['ssgsea_s']:>5.2f} {r['ssgsea_mb']:>5.0f} | "
+              f"{r['auroc']:.3f}")
+    print(f"GSEA prerank permutations: {perms}; prep (simulate + normalise) "
           + ", ".join(f"{r['prep_s']:.0f} s" for r in rows))
 
 

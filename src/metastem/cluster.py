@@ -212,12 +212,13 @@ def subsample_per_group(groups: np.ndarray, max_per_group: int | None, seed: int
 
 
 def marker_genes(adata: ad.AnnData, n_genes: int, *, max_cells_per_cluster: int | None = None,
-                 seed: int = 0) -> pd.DataFrame:
+                 seed: int = 0, key_added: str | None = None) -> pd.DataFrame:
     """Wilcoxon markers per Leiden cluster as a tidy table.
 
     With ``max_cells_per_cluster``, each cluster is subsampled (seeded) to at most that many cells:
     the test's cost grows with cells times genes, while a few hundred cells per cluster already rank
-    its markers stably. Runs on a lightweight AnnData, so ``adata`` is left untouched.
+    its markers stably. Runs on a lightweight AnnData, so ``adata`` is left untouched, except that
+    with ``key_added`` scanpy's result is stored in ``adata.uns[key_added]`` (h5ad-writable).
     """
     import scanpy as sc
 
@@ -236,6 +237,9 @@ def marker_genes(adata: ad.AnnData, n_genes: int, *, max_cells_per_cluster: int 
     sc.tl.rank_genes_groups(light, groupby="leiden", groups=groups, reference="rest", method="wilcoxon",
                             use_raw=False, pts=True, key_added="markers")
     df = sc.get.rank_genes_groups_df(light, group=None, key="markers")
+    if key_added:  # scanpy's own result, so that sc.pl.rank_genes_groups_* work on the written file
+        adata.uns[key_added] = {k: v for k, v in light.uns["markers"].items()}
+        adata.uns[key_added]["params"] = {k: v for k, v in light.uns["markers"]["params"].items() if v is not None}
     df = df.sort_values(["group", "scores", "names"], ascending=[True, False, True], kind="mergesort")
     df = df.groupby("group", observed=True).head(n_genes)
     df = df.rename(columns={"group": "cluster", "names": "gene", "logfoldchanges": "log2fc",

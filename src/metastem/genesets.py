@@ -158,48 +158,172 @@ def col_sums(X: sp.spmatrix | np.ndarray) -> np.ndarray:
                 for i in range(0, X.shape[0], step)), np.zeros(X.shape[1]))
 
 
+@numba.njit(cache=True)
+def _row_contributions(vals, n_top, contrib):
+    """Expected AUCell weight of each stored value of one cell under a random order of tied genes.
+
+    Values are ranked descending; a block of L tied values occupying positions a..a+L-1 gives each of
+    its genes the mean of max(n_top - p, 0) over those positions, which is the expectation of the
+    score over every order of the tie (what random tie-breaking estimates with one draw). Zeros and
+    negatives never enter the top. Returns (order, k): ``contrib[:k]`` holds the weights of the
+    values ``vals[order[:k]]``, the only ones inside the top.
+    """
+    order = np.argsort(-vals)  # any sort: ties are averaged below, so their order does not matter
+    pos = 0
+    k = 0
+    n = order.size
+    while k < n and pos < n_top:
+        v = vals[order[k]]
+        if v <= 0:
+            break
+        e = k + 1
+        while e < n and vals[order[e]] == v:
+            e += 1
+        length = e - k
+        last = min(pos + length, n_top)          # exclusive end of the positions inside the top
+        cnt = last - pos
+        w = (cnt * n_top - cnt * (pos + last - 1) / 2.0) / length
+        for kk in range(k, e):
+            contrib[kk] = w
+        pos += length
+        k = e
+    return order, k
+
+
 @numba.njit(parallel=True, cache=True)
 def _aucell_rows(indptr, indices, data, n_top, set_ptr, set_idx, out):
-    """Per row: rank the stored positive values (descending, ties by gene index, as CSR holds them
-    sorted) and add ``n_top - rank`` to every set of each of the first ``n_top`` genes."""
+    """Per row: weight the stored positive values by rank (ties: expected weight over their orders)
+    and add the weight of each of the first ``n_top`` genes to every set it belongs to."""
     for r in numba.prange(indptr.size - 1):
         lo = indptr[r]
-        order = np.argsort(-data[lo:indptr[r + 1]], kind="mergesort")   # stable
-        rank = 0
-        for k in range(order.size):
-            j = lo + order[k]
-            if rank >= n_top or data[j] <= 0:
-                break
-            g = indices[j]
+        vals = data[lo:indptr[r + 1]]
+        contrib = np.empty(vals.size)
+        order, n_pos = _row_contributions(vals, n_top, contrib)
+        for k in range(n_pos):
+            g = indices[lo + order[k]]
             for m in range(set_ptr[g], set_ptr[g + 1]):
-                out[r, set_idx[m]] += n_top - rank
-            rank += 1
+                out[r, set_idx[m]] += contrib[k]
+
+
+@numba.njit(parallel=True, cache=True)
+def _aucell_grouped(indptr, indices, data, n_top, set_ptr, set_idx, set_scale, n_cell_sets, group, n_groups,
+                    n_chunks, cells_out, sums, sumsq, nonzero):
+    """One pass over the cells for many sets: per-cell scores of the first ``n_cell_sets`` sets into
+    ``cells_out`` (every cell), and for every set the per-group sum, sum of squares and count of
+    non-zero scores of the cells whose ``group`` is >= 0 (``sums[chunk, group, set]``, one slab per
+    parallel chunk so that threads never write the same memory). Scores are scaled by ``set_scale``
+    (1 / (n_top * set size)) as they are completed, so the accumulators hold AUCell values."""
+    n_rows = indptr.size - 1
+    n_sets = set_scale.size
+    step = (n_rows + n_chunks - 1) // n_chunks
+    for c in numba.prange(n_chunks):
+        buf = np.zeros(n_sets)
+        touched = np.empty(n_sets, dtype=np.int64)
+        seen = np.zeros(n_sets, dtype=np.bool_)
+        for r in range(c * step, min(n_rows, (c + 1) * step)):
+            grp = group[r]
+            if grp < 0 and n_cell_sets == 0:
+                continue
+            lo = indptr[r]
+            vals = data[lo:indptr[r + 1]]
+            contrib = np.empty(vals.size)
+            order, n_pos = _row_contributions(vals, n_top, contrib)
+            n_touched = 0
+            for k in range(n_pos):
+                g = indices[lo + order[k]]
+                for m in range(set_ptr[g], set_ptr[g + 1]):
+                    s = set_idx[m]
+                    if grp < 0 and s >= n_cell_sets:
+                        continue
+                    if not seen[s]:
+                        seen[s] = True
+                        touched[n_touched] = s
+                        n_touched += 1
+                    buf[s] += contrib[k]
+            for t in range(n_touched):
+                s = touched[t]
+                v = buf[s] * set_scale[s]
+                if s < n_cell_sets:
+                    cells_out[r, s] = v
+                if grp >= 0:
+                    sums[c, grp, s] += v
+                    sumsq[c, grp, s] += v * v
+                    nonzero[c, grp, s] += 1
+                buf[s] = 0.0
+                seen[s] = False
+
+
+def _membership(n_genes: int, gene_sets: list[np.ndarray]) -> tuple[sp.csr_matrix, np.ndarray]:
+    """Genes x sets membership (CSR: the sets of each gene) and each set's size (duplicates counted
+    once), built from (set, gene) pairs so that thousands of null sets never make a dense matrix."""
+    lens = np.array([np.asarray(g).size for g in gene_sets], dtype=np.int64)
+    genes = np.concatenate([np.asarray(g, dtype=np.int64).ravel() for g in gene_sets]) if gene_sets else \
+        np.zeros(0, dtype=np.int64)
+    key = np.sort(np.repeat(np.arange(len(gene_sets), dtype=np.int64), lens) * n_genes + genes)
+    key = key[np.r_[True, key[1:] != key[:-1]]] if key.size else key  # sort-based: np.unique hashes slowly
+    cols, rows = np.divmod(key, n_genes)
+    sizes = np.bincount(cols, minlength=len(gene_sets)).astype(np.int64)
+    member = sp.csr_matrix((np.ones(rows.size, dtype=np.int8), (rows, cols)), shape=(n_genes, len(gene_sets)))
+    member.sort_indices()
+    return member, sizes
+
+
+def _sorted_csr(X: sp.spmatrix | np.ndarray) -> sp.csr_matrix:
+    Xc = sp.csr_matrix(X)
+    if not Xc.has_sorted_indices:
+        Xc = Xc.copy()
+        Xc.sort_indices()
+    return Xc
 
 
 def aucell_matrix(X: sp.spmatrix | np.ndarray, gene_sets: dict[str, np.ndarray], top_frac: float = 0.05
                   ) -> pd.DataFrame:
     """AUCell-style rank scores of many sets at once: (cells × sets) DataFrame, columns = set names.
 
-    Each cell's genes are ranked once (by value, ties by gene index; zeros never enter the top) and
-    every set is read off that ranking, so the cost is one sort of each cell's stored values
-    regardless of the number of sets (a compiled loop over cells, in parallel). Rank-based, hence
-    insensitive to depth normalisation (Aibar et al. 2017).
+    Each cell's genes are ranked once by value (zeros never enter the top) and every set is read off
+    that ranking, so the cost is one sort of each cell's stored values regardless of the number of
+    sets (a compiled loop over cells, in parallel). Rank-based, hence insensitive to depth
+    normalisation (Aibar et al. 2017). Tied values (UMI data tie at counts of 1-2 by the hundred)
+    share their positions: each tied gene gets the expected weight over every order of the tie,
+    which is what pySCENIC/ctxcore's random shuffle before ranking estimates with one draw. Breaking
+    ties by gene index instead made scores depend on where a gene sits in ``var_names``.
     """
-    Xc = sp.csr_matrix(X)
-    if not Xc.has_sorted_indices:
-        Xc = Xc.copy()
-        Xc.sort_indices()
+    Xc = _sorted_csr(X)
     n_cells, n_genes = Xc.shape
     n_top = max(1, int(round(top_frac * n_genes)))
     names = list(gene_sets)
-    member = np.zeros((n_genes, len(names)), dtype=bool)
-    for j, name in enumerate(names):
-        member[np.asarray(gene_sets[name], dtype=int), j] = True
-    sets_of_gene = sp.csr_matrix(member)
+    member, sizes = _membership(n_genes, [np.asarray(gene_sets[n]) for n in names])
     out = np.zeros((n_cells, len(names)))
-    _aucell_rows(Xc.indptr, Xc.indices, Xc.data, n_top, sets_of_gene.indptr, sets_of_gene.indices, out)
-    max_auc = n_top * np.maximum(member.sum(axis=0), 1.0)
-    return pd.DataFrame(out / max_auc, columns=names)
+    _aucell_rows(Xc.indptr, Xc.indices, Xc.data, n_top, member.indptr, member.indices, out)
+    return pd.DataFrame(out / (n_top * np.maximum(sizes, 1.0)), columns=names)
+
+
+def aucell_grouped(X: sp.spmatrix | np.ndarray, gene_sets: list[np.ndarray], group: np.ndarray, n_groups: int, *,
+                   n_cell_sets: int = 0, top_frac: float = 0.05, n_chunks: int | None = None
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """AUCell of many sets in one pass, kept per cell only for the first ``n_cell_sets`` sets.
+
+    For every set (e.g. the tested sets followed by thousands of matched random sets) returns the
+    per-group sum, sum of squares and number of cells with a non-zero score, over the cells whose
+    ``group`` code is >= 0 (groups x sets each), plus the per-cell scores (cells x ``n_cell_sets``).
+    Group means and variances are all that a mean-difference contrast needs, so the null sets cost
+    one pass over the cells and memory of groups x sets, never cells x sets.
+    """
+    Xc = _sorted_csr(X)
+    n_cells, n_genes = Xc.shape
+    n_top = max(1, int(round(top_frac * n_genes)))
+    member, sizes = _membership(n_genes, gene_sets)
+    scale = 1.0 / (n_top * np.maximum(sizes, 1.0))
+    group = np.asarray(group, dtype=np.int64)
+    n_chunks = int(n_chunks or max(1, min(n_cells, 4 * numba.get_num_threads())))
+    n_sets = len(gene_sets)
+    cells = np.zeros((n_cells, n_cell_sets))
+    sums = np.zeros((n_chunks, n_groups, n_sets))
+    sumsq = np.zeros((n_chunks, n_groups, n_sets))
+    nonzero = np.zeros((n_chunks, n_groups, n_sets), dtype=np.int64)
+    _aucell_grouped(Xc.indptr, Xc.indices, Xc.data, n_top, member.indptr, member.indices, scale, n_cell_sets,
+                    group, n_groups, n_chunks, cells, sums, sumsq, nonzero)
+    return cells, sums.sum(axis=0), sumsq.sum(axis=0), nonzero.sum(axis=0)
 
 
 def aucell_score(X: sp.spmatrix | np.ndarray, gene_idx: np.ndarray, top_frac: float = 0.05) -> np.ndarray:

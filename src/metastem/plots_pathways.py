@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 
 from metastem.plots import OKABE_ITO, apply_style, plt, save
+from metastem.plots import save as _save
 
 LINESTYLES = ["-", "--", ":", "-."]
 # Okabe-Ito without its yellow, which is too pale for thin lines on white.
@@ -108,7 +109,8 @@ def plot_gsea_top(ranking: pd.Series, sets: dict[str, list[str]], gsea: pd.DataF
         ax.plot(es, color=OKABE_ITO[4], lw=1.4)
         ax.axhline(0, color="#999999", lw=0.6)
         ax.vlines(hit_pos, ymin=min(es.min(), 0) - 0.05, ymax=min(es.min(), 0) - 0.01, color="#000000", lw=0.8)
-        ax.set_title(f"{rec.set}\nNES {rec.gsea_nes:.2f}, FDR {rec.gsea_fdr:.2g}", fontsize=8)
+        fdr = rec.gsea_fdr if isinstance(rec.gsea_fdr, str) else f"{rec.gsea_fdr:.2g}"  # text: '< 1/permutations'
+        ax.set_title(f"{rec.set}\nNES {rec.gsea_nes:.2f}, FDR {fdr}", fontsize=8)
         ax.set_ylabel("running ES" if j == 0 else "")
         ax2.fill_between(np.arange(len(ranking)), ranking.to_numpy(float), color=OKABE_ITO[8], lw=0)
         ax2.set_xlabel("gene rank")
@@ -117,3 +119,48 @@ def plot_gsea_top(ranking: pd.Series, sets: dict[str, list[str]], gsea: pd.DataF
         axes[0, 0].text(0.5, 0.5, "no set tested", ha="center", va="center", transform=axes[0, 0].transAxes)
     fig.suptitle(f"GSEA prerank, {group_label}", fontsize=10, y=1.06)
     save(fig, path)
+
+
+def plot_pathway_effects(details: pd.DataFrame, per_sample: pd.DataFrame, *, ax=None, return_fig: bool = False,
+                         save: str | os.PathLike | None = None, title: str | None = None):
+    """One row per pathway: the CSC-like vs other-malignant effect (Cohen's d) with its 95 % CI, the
+    per-sample effects as points and the matched null's central 95 % as a grey band.
+
+    Called sets are drawn in colour (vermillion up, blue down), the rest in grey; positive controls
+    (sets that define CSC-like cells) are marked and kept at the bottom, apart from the findings.
+    Flagged sets (few genes, no signal, absent) are left out: they have no reliable effect.
+    """
+    apply_style()
+    df = details[details["effect"].notna() & details["flag"].isin(["ok"])].copy()
+    df["_control"] = df["role"] != "pathway"
+    df = df.sort_values(["_control", "effect"], ascending=[False, True], kind="stable").reset_index(drop=True)
+    created = ax is None
+    if created:
+        fig, ax = plt.subplots(figsize=(6.8, 1.2 + 0.32 * max(1, len(df))))
+    else:
+        fig = ax.figure
+    up, down, grey = OKABE_ITO[5], OKABE_ITO[4], "#777777"  # vermillion, blue
+    for i, r in df.iterrows():
+        if np.isfinite(r["null_low"]) and np.isfinite(r["null_high"]):
+            ax.add_patch(plt.Rectangle((r["null_low"], i - 0.38), r["null_high"] - r["null_low"], 0.76,
+                                       color="#DDDDDD", lw=0, zorder=0))
+        pts = per_sample.loc[per_sample["set"] == r["set"], "effect"].to_numpy(float)
+        if pts.size:
+            jitter = np.linspace(-0.22, 0.22, pts.size) if pts.size > 1 else np.zeros(1)
+            ax.scatter(pts, i + jitter, s=9, facecolors="none", edgecolors="#555555", lw=0.6, zorder=2)
+        color = (up if r["effect_vs_null"] > 0 else down) if bool(r.get("called", False)) else grey
+        ax.plot([r["ci_low"], r["ci_high"]], [i, i], color=color, lw=1.8, zorder=3)
+        ax.scatter([r["effect"]], [i], s=30, color=color, marker="D" if r["_control"] else "o", zorder=4)
+    ax.axvline(0, color="#999999", lw=0.6)
+    labels = [f"{s} (positive control)" if c else s for s, c in zip(df["set"], df["_control"])]
+    ax.set_yticks(range(len(df)), labels)
+    ax.set_ylim(-0.7, len(df) - 0.3)
+    ax.set_xlabel("effect in CSC-like vs other malignant cells (Cohen's d)")
+    n_samples = per_sample["sample"].nunique() if len(per_sample) else 0
+    ax.set_title(title or f"Pathway effects: 95 % CI, per-sample points ({n_samples} sample"
+                          f"{'s' if n_samples != 1 else ''}), grey = matched null 95 %", fontsize=9)
+    if df.empty:
+        ax.text(0.5, 0.5, "no set with a reliable score", ha="center", va="center", transform=ax.transAxes)
+    if save is not None:
+        _save(fig, save)  # closes the figure
+    return fig if return_fig else None

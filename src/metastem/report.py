@@ -388,15 +388,43 @@ def pseudotime_facts(info: Mapping[str, Any]) -> list[tuple[str, str]]:
     root = info.get("root", {}) or {}
     facts = [("Method", info.get("method")), ("Root cell", root.get("barcode")), ("Root cluster", root.get("cluster")),
              ("Why this root", root.get("why")),
-             ("Cells unreachable from the root", _pct(info.get("n_unreachable"), info.get("n_cells")))]
+             ("Cells unreachable from the root", _pct(info.get("n_unreachable"), info.get("n_cells"))),
+             ("kNN components left out", _components_left_out(info))]
     return [(k, str(v)) for k, v in facts if v is not None]
 
 
+def _components_left_out(info: Mapping[str, Any]) -> str | None:
+    """One line per kNN component with no edge to the root's: its size, its clusters, and why it has no time."""
+    listed = info.get("components_left_out")
+    if listed is None:
+        return None
+    if not listed:
+        return "none: every cell is connected to the root"
+    parts = [f"{c['n_cells']:,} cells (cluster{'s' if len(c['clusters']) > 1 else ''} "
+             + ", ".join(f"{k}: {v}" for k, v in list(c["clusters"].items())[:6])
+             + (", …" if len(c["clusters"]) > 6 else "") + ")" for c in listed[:5]]
+    more = info.get("n_components_left_out", len(listed)) - len(parts)
+    return (f"{info.get('n_components_left_out', len(listed))}: " + "; ".join(parts) + (f"; and {more} more" if more > 0 else "")
+            + ". " + listed[0]["why"][0].upper() + listed[0]["why"][1:] + ".")
+
+
 def pathways_facts(info: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """Counts of the pathway stage, the unit of replication and what was left out, and why."""
+    n_samples = info.get("n_samples")
+    replicated = (info.get("n_replicated") if n_samples is not None and n_samples >= 3 else
+                  f"descriptive (n = {n_samples} sample{'s' if n_samples != 1 else ''})" if n_samples is not None
+                  else None)
     facts = [("Per-cell scorer", info.get("scorer")), ("Gene sets", info.get("n_sets")),
-             ("Gene sets scored (enough genes found)", info.get("n_scored")),
-             ("Significant CSC-like vs rest", info.get("n_significant")),
-             ("CSC-like cells compared", info.get("n_csc_like"))]
+             ("Gene sets tested (enough genes left, some signal)", info.get("n_tested")),
+             ("Called against matched null sets (CSC-like vs other malignant)",
+              info.get("n_called", info.get("n_significant"))),
+             ("Replicated across samples", replicated),
+             ("Unit of replication", info.get("unit_of_replication")),
+             ("Stemness-score genes left out of pathway sets", info.get("n_stemness_genes_excluded")),
+             ("Positive controls (define CSC-like; never a finding)",
+              ", ".join(info["positive_controls"]) if info.get("positive_controls") else None),
+             ("CSC-like cells compared", info.get("n_csc_like")),
+             ("Malignant cells", info.get("n_malignant"))]
     return [(k, str(v)) for k, v in facts if v is not None]
 
 
@@ -520,7 +548,24 @@ def summarise(stages: Mapping[str, Stage]) -> dict[str, Any]:
 
 
 def top_pathway(summary: pd.DataFrame) -> str | None:
-    """Largest positive CSC-like effect among significant sets; else the largest effect, marked n.s."""
+    """The headline pathway: the largest effect among sets called up in CSC-like cells against the
+    matched null; else the largest effect among tested sets, marked 'not called'. Positive controls
+    (sets that define CSC-like cells) and flagged sets are never the headline: they restate the
+    definition or are not readouts. Older summaries (delta_csc, significant) are read as before."""
+    if "call" in summary and "effect" in summary and "set" in summary:
+        calls = summary["call"].astype(str)
+        tested = summary[calls.isin(["up in CSC-like", "down in CSC-like", "not called"])
+                         & summary["effect"].notna()]
+        if tested.empty:
+            return None
+        up = tested[tested["call"] == "up in CSC-like"]
+        best = (up if len(up) else tested).sort_values("effect", ascending=False, kind="stable").iloc[0]
+        q = best.get("q_null")
+        rep = str(best.get("replicated", ""))
+        tag = (f", q {q:.2g}" if isinstance(q, float) and math.isfinite(q) else "") + (
+            "" if len(up) else ", not called") + (f"; {rep}" if rep.startswith("descriptive") else
+                                                  ", replicated" if rep == "yes" else "")
+        return f"{best['set']} (d {best['effect']:+.2f}{tag})"
     effect = next((c for c in ("delta_csc", "auroc_csc", "gsea_nes") if c in summary), None)
     if effect is None or "set" not in summary:
         return None

@@ -136,3 +136,19 @@ def res(stage: str, key: str):
         return estimate_resources(stage, nnz, attempt)[key]
 
     return fn
+
+
+def wired_outputs(**wanted):
+    """Input function: ``name=(stage, output key)`` for each stage rule that is wired and declares that
+    output (a stage a workflow may not include is left out, and the consuming stage says so).
+    """
+
+    def fn(wildcards) -> dict:
+        out = {}
+        for name, (stage, key) in wanted.items():
+            if rules.has(stage) and key in getattr(rules, stage).output.keys():
+                pattern = getattr(getattr(rules, stage).output, key)
+                out[name] = pattern.format(dataset=wildcards.dataset)
+        return out
+
+    return fn

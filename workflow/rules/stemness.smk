@@ -1,19 +1,10 @@
 # Stemness: CytoTRACE-style score on the kNN graph, stemness signatures, cell cycle, CSC-like calls.
 
 
-def malignant_cells(wildcards) -> list[str]:
-    """The malignant stage's per-cell calls (CSC-like cells are called among malignant cells only);
-    none while the workflow has no malignant rule (then every cell counts as malignant, with a note).
-    """
-    if not hasattr(rules, "malignant"):
-        return []
-    return [rules.malignant.output.cells.format(dataset=wildcards.dataset)]
-
-
 rule stemness:
     input:
         h5ad=rules.cluster.output.h5ad,
-        malignant=malignant_cells,
+        malignant=rules.malignant.output.cells,
         gene_sets=gene_set_files("stemness"),
     output:
         cells=f"{OUTDIR}/{{dataset}}/stemness/cells.tsv.gz",

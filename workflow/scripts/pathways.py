@@ -1,4 +1,5 @@
-"""Snakemake wrapper: the final rule. Pathway scores, GSEA, summary table, figures and final.h5ad."""
+"""Snakemake wrapper: the final rule. Pathway scores against matched null sets, per-sample effects, GSEA,
+tables, figures and final.h5ad (readable by cellxgene and scanpy's plots as written)."""
 from metastem.smk import run
 
 
@@ -30,39 +31,55 @@ def main(smk) -> None:
     from metastem.smk import write_json_atomic
 
     row, p = smk.params.row, smk.params.params
+    params = p["pathways"]
     adata = ad.read_h5ad(smk.input.h5ad)
     add_cells_table(adata, smk.input.stemness)
     add_cells_table(adata, smk.input.pseudotime)
+    malignant = getattr(smk.input, "malignant", None)
+    if malignant:
+        add_cells_table(adata, malignant)
+        adata.obs["malignant"] = adata.obs["malignant"].astype(bool)
     adata.obs["csc_like"] = adata.obs["csc_like"].astype(bool)
-    res = pw.run_pathways(adata, p["pathways"], species=row["species"], seed=p["seed"], aliases_path=smk.input.aliases,
-                          threads=smk.threads)
+    exclude = pw.stemness_genes(smk.input.stemness_info, smk.input.stemness_gene_sets)
+    res = pw.run_pathways(adata, params, species=row["species"], seed=p["seed"], aliases_path=smk.input.aliases,
+                          threads=smk.threads, exclude_genes=exclude)
 
     io.write_table_atomic(res.summary, smk.output.summary, index=False)
+    io.write_table_atomic(res.details, smk.output.details, index=False)
+    io.write_table_atomic(res.per_sample, smk.output.per_sample, index=False)
     io.write_table_atomic(res.coverage, smk.output.coverage, index=False)
     io.write_table_atomic(res.cluster_means, smk.output.cluster_means, index_label="cluster")
     io.write_table_atomic(res.gsea, smk.output.gsea, index=False)
     io.write_table_atomic(res.ssgsea, smk.output.ssgsea, index=False)
 
-    scores = adata.obs[[f"{pw.PREFIX}{s}" for s in pw.scored_sets(adata)]].set_axis(pw.scored_sets(adata), axis=1)
+    names = pw.scored_sets(adata)
+    scores = adata.obs[[f"{pw.PREFIX}{s}" for s in names]].set_axis(names, axis=1)
+    pp.plot_pathway_effects(res.details, res.per_sample, save=smk.output.effects)
     pp.plot_cluster_heatmap(res.cluster_means, smk.output.heatmap)
-    trend_sets = res.summary.dropna(subset=["rho_pseudotime"])
-    trend_sets = trend_sets.loc[trend_sets["rho_pseudotime"].abs().sort_values(ascending=False).index, "set"].head(8)
+    trend = res.details.dropna(subset=["rho_pseudotime"])
+    trend = trend.loc[trend["rho_pseudotime"].abs().sort_values(ascending=False).index, "set"].head(8)
     pp.plot_pseudotime_trends(scores, adata.obs["pseudotime"].to_numpy(float), smk.output.trends,
-                              sets=list(trend_sets) or list(scores.columns[:8]))
+                              sets=list(trend) or list(scores.columns[:8]))
     ranking = res.ranking if res.ranking is not None else pd.Series(dtype=float)  # None: no CSC-like contrast
-    pp.plot_gsea_top(ranking, pw.resolved_sets(res.coverage), res.gsea, smk.output.gsea_plot)
+    gsea_sets = {k: v for k, v in pw.resolved_sets(res.coverage).items() if k in set(res.gsea["set"])}
+    pp.plot_gsea_top(ranking, gsea_sets, res.gsea, smk.output.gsea_plot,
+                     group_label="CSC-like vs other malignant cells")
 
-    params = p["pathways"]
+    notes = res.notes + pw.prepare_final(adata, annotations=getattr(smk.input, "annotations", None))
+    details = res.details
+    pathways = details[details["role"] == pw.ROLE_PATHWAY]
     write_json_atomic({
-        "params": params, "notes": res.notes, "scorer": params["scorer"],
-        "n_sets": int(len(res.coverage)), "n_scored": int(len(pw.scored_sets(adata))),
-        "n_significant": int(res.summary["significant"].sum()), "n_csc_like": int(adata.obs["csc_like"].sum()),
+        "params": params, "notes": notes, "scorer": params["scorer"],
+        "n_sets": int(len(res.coverage)), "n_scored": int(len(names)),
+        "n_tested": int((pathways["flag"] == pw.FLAG_OK).sum()), "n_called": int(pathways["called"].sum()),
+        "n_replicated": int((pathways["replicated"] == "yes").sum()),
+        "n_samples": res.n_samples, "unit_of_replication": res.unit,
+        "positive_controls": details.loc[details["role"] == pw.ROLE_CONTROL, "set"].tolist(),
+        "n_stemness_genes_excluded": len(exclude),
+        "n_csc_like": int(adata.obs["csc_like"].sum()),
+        "n_malignant": int(adata.obs["malignant"].sum()) if "malignant" in adata.obs else None,
         "n_unreachable": int((~np.isfinite(adata.obs["pseudotime"].to_numpy(float))).sum()),
-        "methods": (f"Gene sets were scored per cell with {params['scorer']} (seed {p['seed']}); sets with fewer than "
-                    f"{params['min_genes_found']} genes found were flagged and not called. CSC-like vs other cells: "
-                    "AUROC / Cliff's delta with Mann-Whitney p (BH); Spearman with stemness and pseudotime (BH); "
-                    "scores were also adjusted for log genes detected. GSEA prerank (gseapy, Wilcoxon z ranking, "
-                    f"{params['gsea_permutations']} permutations) and ssGSEA of per-cluster pseudobulk, offline."),
+        "methods": pw.methods_text(params, p["seed"], res.n_samples, res.unit, len(exclude)),
     }, smk.output.info)
     adata.uns["metastem"]["params_json"] = json.dumps(p)  # every section: this rule is given them all
     # final.h5ad contract: layers['counts'] where the input had counts

@@ -34,8 +34,9 @@ def main(smk) -> None:
     info = stemness.score_stemness(adata, species=row["species"], seed=p["seed"],
                                    **{k: v for k, v in s.items() if k not in csc_keys})
     # CSC-like: each sample's own most stem-like MALIGNANT cells (issue 15), replacing the dataset-wide call
-    if list(smk.input.malignant):
-        calls = pd.read_csv(smk.input.malignant[0], sep="\t", index_col=0)
+    malignant = getattr(smk.input, "malignant", None)  # rules.malignant.output.cells
+    if malignant:
+        calls = pd.read_csv(malignant if isinstance(malignant, str) else malignant[0], sep="\t", index_col=0)
         adata.obs["malignant"] = calls["malignant"].reindex(adata.obs_names).fillna(False).astype(bool).to_numpy()
     if info.get("status", "computed") == "computed":
         csc.call_csc_like(adata, groupby=s["csc_groupby"], quantile=s["csc_quantile"], rule=s["csc_rule"],
