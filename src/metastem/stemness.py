@@ -1,4 +1,13 @@
-"""Stemness: a CytoTRACE-style score, curated stemness signatures, cell cycle and CSC-like calls.
+"""Stemness: a CytoTRACE-style score, ingredients that do not count genes, a fixed combination rule and
+a verdict on how sure the direction is; curated stemness signatures, cell cycle and CSC-like calls.
+
+Why more than CytoTRACE (issue 17): gene counts fall with differentiation in most lineages, but run
+backwards where differentiated cells are large or transcriptionally busy (differentiating myotubes,
+suprabasal keratinocytes), and smoothing makes the wrong answer more confident. ``score_stemness``
+therefore also computes depth-adjusted gene counts and transcriptional entropy (breadth family,
+reported), a signed stem-minus-differentiation programme score and proliferation (identity family),
+and ``combine_stemness`` applies one rule fixed in advance: the CytoTRACE-style score where the
+programmes agree with it, the identity evidence where they do not, with direction 'uncertain'.
 
 The CytoTRACE score is written from the published description (Gulati et al., Science 2020;
 doi:10.1126/science.aax0249), not from its code, whose licence is non-commercial. The idea: the
@@ -427,7 +436,7 @@ def is_low_complexity(adata: ad.AnnData, *, min_genes_for_gene_counts: int = 100
     return False, ""
 
 
-# ----------------------------------------------------------------------------- ingredients that do not share the gene-count premise
+# ----------------------------------------------------------------------------- ingredients beside gene counts
 
 def transcriptional_entropy(adata: ad.AnnData, *, key_added: str = Obs.STEMNESS_ENTROPY,
                             copy: bool = False) -> np.ndarray | ad.AnnData:
@@ -483,7 +492,8 @@ def depth_adjusted_gene_counts(adata: ad.AnnData, *, groupby: str = Obs.LEIDEN, 
     technical): within each group its own slope b_k of log(genes detected) on log(total counts)
     is removed, and the groups' mean depths are corrected with the pooled within-group slope b:
     log(genes) - b_k (log total - group mean) - b * group mean, so differences between cell types
-    that depth does not explain remain. Groups under ``MIN_DEPTH_GROUP`` cells use b. Totals are ``obs[total_key]`` (QC's raw-count totals) when present, else the sum of
+    that depth does not explain remain. Groups under ``MIN_DEPTH_GROUP`` cells use b. Totals are
+    ``obs[total_key]`` (QC's raw-count totals) when present, else the sum of
     un-logged X (constant after depth normalisation: then b = 0 and this equals genes detected,
     which ``uns[key_added]['note']`` says). Returns the adjusted log value (or the copy when ``copy``).
     """
@@ -731,8 +741,9 @@ def score_stemness(adata: ad.AnnData, *, species: str = "human", method: str = "
                    "genes in it, so no stemness score is meaningful" if low else
                    f"stemness.method is 'gene_sets' but no stemness set has {MIN_SET_GENES} genes in the data")
         if required:
-            raise MetastemError(refusal, fix=("add a GMT of stemness genes measured by this panel to stemness.gene_sets, "
-                                              "or set stemness.required: false to continue without stemness"))
+            raise MetastemError(refusal, fix=("add a GMT of stemness genes measured by this panel to "
+                                              "stemness.gene_sets, or set stemness.required: false to continue "
+                                              "without stemness"))
     if refusal is not None:
         final = np.full(adata.n_obs, np.nan)
         notes.append(f"stemness not computed: {refusal}. stemness.required is false, so the run goes on: no cell is "
