@@ -14,7 +14,8 @@ wheel (``liana/resource/omni_resource.csv``) and handed to LIANA as a DataFrame,
 that could download (ortholog translation, metalinks) is reached.
 
 Cost does not grow with the dataset: each group is subsampled to ``max_cells_per_group`` cells (seeded)
-and the matrix is restricted to the resource's genes before LIANA sees it. Group means and detection
+and the matrix is restricted to the resource's genes detected in at least ``expr_prop`` of some group's
+cells before LIANA sees it (a gene below that everywhere can pass none of LIANA's filters). Group means and detection
 rates from a few hundred cells are precise enough to rank interactions; the permutation cost of LIANA
 is linear in the cells it permutes.
 """
@@ -318,6 +319,11 @@ def niche_interactions(adata: ad.AnnData, *, groupby: str = Obs.LEIDEN, csc_key:
                          var=pd.DataFrame(index=adata.var_names[var_keep]))
         if sp.issparse(sub.X):
             sub.X = sp.csr_matrix(sub.X, dtype=np.float32)
+        # Genes detected in fewer than expr_prop of the cells of every group can pass no LIANA filter: dropping
+        # them changes no score but SingleCellSignalR's matrix-mean normaliser, and LIANA's index look-ups
+        # cost (interactions x genes)
+        _, det = _group_stats(sub.X, sub.obs["@niche"].astype(str).to_numpy(), groups)
+        sub = sub[:, det.max(axis=0) >= expr_prop].copy()
         n_used = sub.obs["@niche"].value_counts().reindex(sizes.index, fill_value=0)
         pairs = None
         if has_csc:
