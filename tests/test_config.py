@@ -42,7 +42,7 @@ def test_defaults_fill_everything(schemas):
     ({"cluster": {"resolution": -1}}, "cluster.resolution: -1 is less than or equal to the minimum of 0"),
     ({"qc": {"max_pct_mito": 150}}, "qc.max_pct_mito: 150 is greater than the maximum of 100"),
     ({"cluster": {"resolution": float("nan")}}, "cluster.resolution: nan is not a finite number"),
-    ({"stemness": {"method": "magic"}}, "stemness.method: 'magic' is not one of 'cytotrace'"),
+    ({"stemness": {"method": "magic"}}, "stemness.method: 'magic' is not one of 'consensus', 'cytotrace'"),
     ({"qc": {"doublets": "yes"}}, "qc.doublets: 'yes' is not of type 'boolean'"),
 ])
 def test_bad_config_values(schemas, cfg, words):
