@@ -209,3 +209,32 @@ def test_cohort_index_has_a_sortable_row_per_sample(tmp_path):
     frame = report.per_sample_frame({"per_sample": {"P1": {"cells_in": 120, "cells_out": 100}}},
                                     pd.DataFrame([csc_row("P1", 100, 80, 8, True)]))
     assert frame.loc[0, "malignant fraction"] == pytest.approx(0.8) and bool(frame.loc[0, "distinct stem-like population"])
+
+
+def test_per_sample_mad_catches_damaged_cells_that_pooling_misses(defaults):
+    """Two samples of a tumour with normal compartments, one sequenced at a third of the depth: pooled,
+    the shallow sample widens the MADs and the deep sample's damaged cells (a sixth of the library, high
+    mito) slip through."""
+    from metastem.simulate import simulate_tumour
+
+    raw = simulate_tumour(1500, 3000, seed=0)
+    a, b = raw[:800].copy(), raw[800:1600].copy()
+    X = sp.csr_matrix(b.X, copy=True)
+    X.data = np.random.default_rng(0).binomial(X.data.astype(np.int64), 1 / 3).astype(np.float32)
+    X.eliminate_zeros()
+    b.X = X
+    b.obs_names = [f"b{i}" for i in range(b.n_obs)]
+    x = ad.concat([a, b])
+    x.obs["sample"] = ["P1"] * a.n_obs + ["P2"] * b.n_obs
+    damaged = x.obs["true_low_quality"].to_numpy() & (x.obs["sample"] == "P1").to_numpy()
+    healthy = ~(x.obs["true_low_quality"] | x.obs["true_doublet"]).to_numpy()
+    p = {**defaults["qc"], "doublets": False}
+    _, per, _ = qc.run_qc(x.copy(), p, values="counts", species="human")
+    pooled = x.copy()
+    del pooled.obs["sample"]
+    _, pool, _ = qc.run_qc(pooled, p, values="counts", species="human")
+    removed, removed_pooled = ~per["kept"].to_numpy()[damaged], ~pool["kept"].to_numpy()[damaged]
+    assert damaged.sum() >= 20
+    assert removed.mean() >= 0.9 and removed.mean() >= removed_pooled.mean() + 0.15
+    for s in ("P1", "P2"):   # and per-sample thresholds keep the healthy cells of both samples
+        assert per["kept"].to_numpy()[healthy & (x.obs["sample"] == s).to_numpy()].mean() >= 0.95
