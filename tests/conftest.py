@@ -39,7 +39,7 @@ def demo_raw():
     """A small simulated tumour (raw counts), shared read-only across tests: copy before changing."""
     from metastem.simulate import simulate_tumour
 
-    return simulate_tumour(1500, 3000, seed=0)
+    return simulate_tumour(1500, 3000, seed=0, n_samples=1, frac_normal=0.0, n_cnv_arms=0)  # single-sample model
 
 
 @pytest.fixture(scope="session")

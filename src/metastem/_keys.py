@@ -23,6 +23,7 @@ class Obs:
     MALIGNANT = "malignant"
     MALIGNANT_EVIDENCE = "malignant_evidence"
     CNV_SCORE = "cnv_score"
+    CNV_REFERENCE = "cnv_reference"   # compartment/label of the CNV reference cells, '' for the others
     STEMNESS = "stemness"
     STEMNESS_CYTOTRACE = "stemness_cytotrace"
     STEMNESS_GENE_COUNTS = "stemness_gene_counts"
@@ -70,6 +71,8 @@ class Uns:
     NICHE = "niche"
 
 
+    MALIGNANT = "malignant"        # evidence, rule, notes, reference cells of the malignant call
+    CNV = "cnv"                    # infercnvpy's chr_pos (window index where each chromosome starts)
 class Files:
     """Files one stage writes for another, relative to ``{outdir}/{dataset}/``."""
 

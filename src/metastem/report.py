@@ -33,7 +33,7 @@ from metastem.io import write_text_atomic
 log = logging.getLogger(__name__)
 
 TEMPLATES = Path(__file__).parent / "templates"
-STAGES = ("qc", "cluster", "stemness", "pseudotime", "pathways", "niche")
+STAGES = ("qc", "cluster", "malignant", "stemness", "pseudotime", "pathways", "niche")
 # Tables above this many rows scroll inside a box; above MAX_TABLE_ROWS they are cut (full file on disk).
 SCROLL_ROWS = 15
 MAX_TABLE_ROWS = 500
@@ -355,6 +355,20 @@ def cluster_facts(info: Mapping[str, Any]) -> list[tuple[str, str]]:
     return [(k, str(v)) for k, v in facts if v is not None]
 
 
+def malignant_facts(info: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """How malignant cells were told from normal ones, and how many of each."""
+    n_mal, n_norm = info.get("n_malignant"), info.get("n_normal")
+    ref = json.loads(info.get("reference_cells_json") or "{}")
+    d = info.get("ashman_d")
+    facts = [("Evidence", {"labels": "known labels (sheet)", "cnv": "copy-number profiles (infercnvpy)",
+                           "none": "none: no normal reference, every cell kept as malignant"}.get(info.get("evidence"))),
+             ("Malignant cells", _pct(n_mal, (n_mal or 0) + (n_norm or 0)) if n_mal is not None else None),
+             ("Reference normal cells", ", ".join(f"{k}: {v}" for k, v in ref.items()) if ref else None),
+             ("Rule", info.get("rule")),
+             ("Separation of the calls (Ashman's D)", _fmt(d) if d is not None and d >= 0 else None)]
+    return [(k, str(v)) for k, v in facts if v is not None]
+
+
 def stemness_facts(info: Mapping[str, Any]) -> list[tuple[str, str]]:
     """The score used, the CSC-like call and how far the score is more than the gene-count baseline."""
     corr = info.get("correlations", {}) or {}
@@ -441,7 +455,7 @@ def _fmt(value: Any) -> str | None:
     return None if value is None else _format_cell(float(value) if isinstance(value, (int, float)) else value)
 
 
-FACTS = {"cluster": cluster_facts, "stemness": stemness_facts, "pseudotime": pseudotime_facts,
+FACTS = {"cluster": cluster_facts, "malignant": malignant_facts, "stemness": stemness_facts, "pseudotime": pseudotime_facts,
          "pathways": pathways_facts, "niche": niche_facts}
 
 
@@ -513,7 +527,7 @@ def build_report(dataset: str, stage_files: Mapping[str, Sequence[str]], *, row:
     extra["stemness"] = stemness_by_label(final, row.get("labels") or None)
     extra["samples"] = per_sample_view(stages)
     sections = ["simulate"] if row.get("format") == "simulated" else []
-    sections += ["qc", "cluster", "stemness", "pseudotime", "pathways", "niche"]
+    sections += ["qc", "cluster", "malignant", "stemness", "pseudotime", "pathways", "niche"]
     summary = summarise(stages)
     return environment().get_template("report.html.j2").render(
         dataset=dataset, row=row, stages=stages, extra=extra, summary=summary,

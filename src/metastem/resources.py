@@ -15,6 +15,9 @@ import os
 _COEFFS = {
     "qc": (2600, 16.0, 5, 0.02),
     "cluster": (1100, 17.5, 5, 0.03),
+    # X (read like cluster's), one chunk's CNV profiles (5000 cells x ~2000 windows, dense) and the CNV
+    # matrix; conservative until the harness measures it (issue 18)
+    "malignant": (1500, 16.0, 5, 0.02),
     "stemness": (1000, 14.0, 5, 0.006),
     "pseudotime": (500, 3.0, 5, 0.002),
     "pathways": (1700, 14.0, 5, 0.006),

@@ -23,6 +23,8 @@ a minute. Cells are generated in chunks so that temporary arrays stay small.
 from __future__ import annotations
 
 import gzip
+import json
+from collections.abc import Sequence
 from importlib import resources
 
 import anndata as ad
@@ -204,6 +206,18 @@ def _take_rows(chunks: list[sp.csr_matrix], block: int, rows: np.ndarray) -> sp.
     return stacked[back]
 
 
+def _take_rows_at(chunks: list[sp.csr_matrix], rows: np.ndarray) -> sp.csr_matrix:
+    """Like _take_rows for row blocks of any sizes (the cohort's blocks end at sample boundaries)."""
+    starts = np.cumsum([0] + [c.shape[0] for c in chunks])
+    cid = np.searchsorted(starts, rows, side="right") - 1
+    o = np.argsort(cid, kind="stable")
+    parts = [chunks[c][rows[o][cid[o] == c] - starts[c]] for c in np.unique(cid)]
+    stacked = sp.vstack(parts, format="csr")
+    back = np.empty_like(o)
+    back[o] = np.arange(o.size)
+    return stacked[back]
+
+
 def _assemble_rows(blocks: list[sp.csr_matrix], order: np.ndarray, n_cols: int) -> sp.csr_matrix:
     """CSR whose row i is row ``order[i]`` of the stacked `blocks`, filled block by block into
     preallocated arrays while each block is released, instead of vstack + vstack (doublets) + a
@@ -234,16 +248,10 @@ def _assemble_rows(blocks: list[sp.csr_matrix], order: np.ndarray, n_cols: int) 
     return X
 
 
-def simulate_tumour(n_cells: int = 3000, n_genes: int = 4000, *, seed: int = 0,
-                    frac_doublets: float = 0.05, frac_low_quality: float = 0.05,
-                    mean_library_size: float = 6000.0, frac_programme_cells: float = 0.7,
-                    chunk_size: int = 5000) -> ad.AnnData:
-    """Simulate raw UMI counts of a tumour with a branching stem-cell hierarchy.
-
-    Returns AnnData (CSR float32 counts) with ground truth in ``obs``: ``true_pseudotime``,
-    ``true_stem_like``, ``true_branch``, ``true_state``, ``true_doublet``, ``true_low_quality``,
-    ``true_programme`` (cell carries the planted programmes), and in ``uns['simulation']``.
-    """
+def _simulate_single(n_cells: int, n_genes: int, *, seed: int, frac_doublets: float, frac_low_quality: float,
+                     mean_library_size: float, frac_programme_cells: float, chunk_size: int) -> ad.AnnData:
+    """One sample of malignant cells only, no CNVs: the simulator as it was before the tumour cohort
+    (identical counts for the same seed), selected by n_samples=1, frac_normal=0, n_cnv_arms=0."""
     rng = np.random.default_rng(seed)
     genes = _gene_universe(n_genes, rng)
     g_index = {g: i for i, g in enumerate(genes)}
@@ -330,3 +338,296 @@ def simulate_tumour(n_cells: int = 3000, n_genes: int = 4000, *, seed: int = 0,
         "stem_genes": STEM_GENES, "cycling_genes": CYCLING_GENES,
     }
     return adata
+
+
+# ----------------------------------------------------------------------------- the tumour cohort
+
+# Normal compartments of a tumour sample: marker genes (real symbols) that the malignant-cell rules of
+# metastem.cnv look for, plus niche ligands. T cells and myeloid cells share PTPRC (pan-leukocyte).
+NORMAL_TYPES: dict[str, list[str]] = {
+    "T_cell": ["PTPRC", "CD3E", "CD3D", "CD2", "CD247", "IL7R", "GZMA", "NKG7", "CD52", "TRAC"],
+    "myeloid": ["PTPRC", "CD68", "LYZ", "CD14", "S100A8", "S100A9", "FCGR3A", "CSF1R", "AIF1", "TYROBP",
+                "C1QA", "C1QB"],
+    "fibroblast": ["DCN", "LUM", "COL1A1", "COL1A2", "COL3A1", "PDGFRA", "PDGFRB", "FAP", "FBLN1"],
+    "endothelial": ["PECAM1", "VWF", "KDR", "FLT1", "CDH5", "CLDN5", "EMCN", "ESAM"],
+}
+NORMAL_TYPE_SHARES = {"T_cell": 0.35, "myeloid": 0.25, "fibroblast": 0.25, "endothelial": 0.15}
+# Planted ligand-receptor pairs (issue 16): niche ligands made by fibroblasts, their receptors raised in
+# every stem-like malignant cell (on top of the graded programmes above).
+PLANTED_INTERACTIONS: list[dict[str, str]] = [
+    {"ligand": "CXCL12", "receptor": "CXCR4", "sender": "fibroblast", "receiver": "stem_like_malignant"},
+    {"ligand": "HGF", "receptor": "MET", "sender": "fibroblast", "receiver": "stem_like_malignant"},
+]
+# In the cohort, the malignant branch B is mesenchymal-like (smooth-muscle genes and its own extra genes)
+# without the fibroblast ECM genes, so that fibroblasts stay the only COL1A1/DCN-high cells.
+_FIBROBLAST_ONLY = {"COL1A1", "COL1A2", "COL3A1", "DCN", "LUM", "POSTN", "SPARC"}
+
+# Approximate GRCh38 centromere midpoints (Mb, UCSC hg38 centromere track): where p arms end and q arms begin.
+CENTROMERE_MB = {
+    "chr1": 123.4, "chr2": 93.9, "chr3": 90.9, "chr4": 50.0, "chr5": 48.8, "chr6": 59.8, "chr7": 60.1,
+    "chr8": 45.2, "chr9": 43.0, "chr10": 39.8, "chr11": 53.4, "chr12": 35.5, "chr13": 17.7, "chr14": 17.2,
+    "chr15": 19.0, "chr16": 36.8, "chr17": 25.1, "chr18": 18.5, "chr19": 26.2, "chr20": 28.1, "chr21": 12.0,
+    "chr22": 15.0,
+}
+_MIN_ARM_GENES = 60  # arms with fewer simulated genes carry no planted CNV (too little signal to plant)
+
+
+def chromosome_arms(genes: list[str], species: str = "human") -> pd.Series:
+    """Arm of each gene ('7p', '10q', ...; '' when the gene has no autosomal position), from the shipped
+    gene-position table and approximate centromeres."""
+    from metastem.cnv import gene_position_table
+
+    pos = gene_position_table(species).set_index("symbol")
+    pos = pos.reindex(pd.Index(genes))
+    cen = pos["chromosome"].map(CENTROMERE_MB)
+    ok = cen.notna() & pos["start"].notna()
+    arm = pd.Series("", index=pd.Index(genes), dtype=object)
+    arm[ok] = (pos.loc[ok, "chromosome"].str.removeprefix("chr")
+               + np.where(pos.loc[ok, "start"] / 1e6 < cen[ok], "p", "q"))
+    return arm
+
+
+def _plant_cnvs(arm: pd.Series, n_samples: int, n_arms: int, gain: float, loss: float,
+                rng: np.random.Generator) -> list[list[dict]]:
+    """Per sample, ``n_arms`` distinct arms (with >= _MIN_ARM_GENES genes, or else the 2 x n_arms arms
+    holding the most genes), alternating gain and loss."""
+    counts = arm[arm != ""].value_counts()
+    eligible = sorted(counts.index[counts >= _MIN_ARM_GENES])
+    if len(eligible) < 2 * n_arms:  # few genes (small test data): the arms holding the most genes
+        eligible = sorted(counts.index[:2 * n_arms])
+    if n_arms > len(eligible):
+        raise ValueError(f"n_cnv_arms={n_arms} but only {len(eligible)} chromosome arms hold simulated genes")
+    events = []
+    for _ in range(n_samples):
+        arms = rng.choice(eligible, size=n_arms, replace=False)
+        events.append([{"arm": str(a), "kind": "gain" if k % 2 == 0 else "loss",
+                        "fold": gain if k % 2 == 0 else loss, "n_genes": int(counts[a])}
+                       for k, a in enumerate(arms)])
+    return events
+
+
+def _default_stem_fractions(n_samples: int) -> list[float]:
+    """Planted stem-like shares of the malignant cells, different in every patient (8 % to 22 %)."""
+    if n_samples == 1:
+        return [0.15]
+    return [round(float(x), 3) for x in np.linspace(0.08, 0.22, n_samples)]
+
+
+def _simulate_cohort(n_cells: int, n_genes: int, *, seed: int, frac_doublets: float, frac_low_quality: float,
+                     mean_library_size: float, frac_programme_cells: float, n_samples: int, frac_normal: float,
+                     stem_fractions, n_cnv_arms: int, cnv_gain: float, cnv_loss: float,
+                     batch_sd: float) -> ad.AnnData:
+    """Several patients: malignant hierarchy + CNVs per patient, normal compartments, batch shifts."""
+    rng = np.random.default_rng(seed)
+    stem_fractions = list(stem_fractions) or _default_stem_fractions(n_samples)
+    if len(stem_fractions) != n_samples or not all(0 < s < 1 for s in stem_fractions):
+        raise ValueError(f"stem_fractions needs {n_samples} values in (0, 1), got {stem_fractions}")
+    # Gene universe: the single-sample genes plus the normal-compartment markers.
+    from metastem.cnv import REFERENCE_MARKERS
+
+    # every marker of the reference rules (also B-cell ones: no B cells here) is off outside its own type,
+    # so random modules never make malignant cells look like a normal compartment
+    extra_required = [g for genes in [*NORMAL_TYPES.values(), *REFERENCE_MARKERS.values()] for g in genes]
+    genes = list(dict.fromkeys(_gene_universe(n_genes, rng)))
+    have = set(genes)
+    missing = [g for g in dict.fromkeys(extra_required) if g not in have]
+    # Replace random (non-required) genes at the end by the missing markers, keeping n_genes.
+    genes = genes[:len(genes) - len(missing)] + missing if missing else genes
+    g_index = {g: i for i, g in enumerate(genes)}
+    n_g = len(genes)
+    idx = lambda names: np.array([g_index[g] for g in dict.fromkeys(names) if g in g_index], dtype=int)  # noqa: E731
+
+    base = rng.normal(-1.0, 1.6, size=n_g)
+    stem_i, cyc_i = idx(STEM_GENES), idx(CYCLING_GENES)
+    a_i = idx(BRANCH_A_GENES)
+    b_i = idx([g for g in BRANCH_B_GENES if g not in _FIBROBLAST_ONLY])
+    mito_i, hb_i = idx(MITO_GENES), idx(HB_GENES)
+    ribo_i = np.array([i for g, i in g_index.items() if g.startswith(("RPL", "RPS"))], dtype=int)
+    prog_i = {k: idx(v) for k, v in PLANTED_PROGRAMMES.items()}
+    type_i = {k: idx(v) for k, v in NORMAL_TYPES.items()}
+    ligand_i = idx([p["ligand"] for p in PLANTED_INTERACTIONS])
+    receptor_i = idx([p["receptor"] for p in PLANTED_INTERACTIONS])
+    special = np.unique(np.concatenate([stem_i, cyc_i, idx(BRANCH_A_GENES), idx(BRANCH_B_GENES), mito_i, hb_i,
+                                        ribo_i, *prog_i.values(), *type_i.values(), idx(extra_required)]))
+    base[special] = rng.normal(-0.5, 0.5, size=special.size)
+    base[mito_i] = rng.normal(2.5, 0.4, size=mito_i.size)
+    base[ribo_i] = rng.normal(2.0, 0.5, size=ribo_i.size)
+    base[hb_i] = -6.0
+    base[idx(extra_required)] = rng.normal(-4.0, 0.4, size=idx(extra_required).size)  # markers off outside their type
+    others = np.setdiff1d(np.arange(n_g), special)
+    breadth_i = rng.choice(others, size=others.size // 3, replace=False)
+    base[breadth_i] = rng.normal(-2.0, 0.8, size=breadth_i.size)
+    rest_pool = np.setdiff1d(others, breadth_i)
+    n_extra = min(60, rest_pool.size // 6)
+    extra = rng.choice(rest_pool, size=6 * n_extra, replace=False)
+    a_i, b_i = np.concatenate([a_i, extra[:n_extra]]), np.concatenate([b_i, extra[n_extra:2 * n_extra]])
+    type_i = {k: np.concatenate([gi, extra[(2 + j) * n_extra:(3 + j) * n_extra]]).astype(int)
+              for j, (k, gi) in enumerate(type_i.items())}  # 4 types: extra[2n:6n]
+
+    # Patients: sizes, normal fractions, planted CNVs, batch shifts (gene scaling) and depth.
+    samples = [f"P{i + 1}" for i in range(n_samples)]
+    weights = np.linspace(0.8, 1.2, n_samples) if n_samples > 1 else np.ones(1)
+    n_per = np.floor(n_cells * weights / weights.sum()).astype(int)
+    n_per[-1] += n_cells - n_per.sum()
+    normal_frac = frac_normal * (np.linspace(1.25, 0.75, n_samples) if n_samples > 1 else np.ones(1))
+    arm = chromosome_arms(genes)
+    events = _plant_cnvs(arm, n_samples, n_cnv_arms, cnv_gain, cnv_loss, rng) if n_cnv_arms else [[]] * n_samples
+    gene_shift = rng.normal(0.0, batch_sd, size=(n_samples, n_g)) if batch_sd > 0 else np.zeros((n_samples, n_g))
+    depth = np.exp(rng.normal(0.0, 0.25, size=n_samples)) if batch_sd > 0 else np.ones(n_samples)
+
+    # Per-cell latent structure, sample by sample (cells of one sample are contiguous until the shuffle).
+    n = n_cells
+    sample_of = np.repeat(np.arange(n_samples), n_per)
+    cell_type = np.empty(n, dtype=object)
+    t = np.full(n, np.nan)
+    from scipy.stats import beta as beta_dist
+
+    f_stem = beta_dist.cdf(0.2, 1.1, 1.3)
+    for s in range(n_samples):
+        rows = np.flatnonzero(sample_of == s)
+        n_norm = int(round(normal_frac[s] * rows.size))
+        types = rng.choice(list(NORMAL_TYPE_SHARES), size=n_norm, p=list(NORMAL_TYPE_SHARES.values()))
+        cell_type[rows[:n_norm]] = types
+        mal = rows[n_norm:]
+        cell_type[mal] = "malignant"
+        # Exactly round(share x malignant cells) stem-like cells (t < 0.2); the others from the rest of the
+        # same Beta(1.1, 1.3) time as the single-sample simulator, so the hierarchy keeps its shape.
+        n_stem = int(round(stem_fractions[s] * mal.size))
+        u = np.concatenate([rng.uniform(0, f_stem, n_stem), rng.uniform(f_stem, 1, mal.size - n_stem)])
+        t[mal] = beta_dist.ppf(u, 1.1, 1.3)
+    malignant = cell_type == "malignant"
+    t_m = np.where(malignant, t, 1.0)  # placeholder time for normal cells in the formulas below (not truth)
+    branch = np.where(~malignant, "normal", np.where(t_m < 0.3, "trunk", np.where(rng.random(n) < 0.5, "A", "B")))
+    stem_like = malignant & (t_m < 0.2)
+    programme = stem_like & (rng.random(n) < frac_programme_cells)
+    activity = programme * rng.uniform(0.3, 1.0, size=n)
+    mito_shift = rng.normal(0.0, 0.2, size=n)
+    low_q = rng.random(n) < frac_low_quality
+    lib = rng.lognormal(np.log(mean_library_size), 0.35, size=n)
+    lib = lib * np.where(malignant, 1.0 + 0.6 * (1.0 - t_m), 1.0)
+    lib = lib * np.select([cell_type == "T_cell", cell_type == "myeloid"], [0.45, 0.7], default=0.9)
+    lib = lib * depth[sample_of]
+    lib[low_q] /= 6.0
+    state = np.where(malignant, np.select([t_m < 0.2, t_m < 0.45], ["stem", "progenitor"],
+                                          default=np.where(branch == "A", "branch_A", "branch_B")), cell_type)
+
+    ramp = np.clip((t_m - 0.3) / 0.7, 0, 1) * malignant
+    breadth = np.where(malignant, -4.0 * np.clip((t_m - 0.1) / 0.6, 0, 1) + 1.0, -2.5)
+    modules = [
+        (stem_i, 3.0 * np.clip(1 - t_m / 0.4, 0, 1) * malignant),
+        (breadth_i, breadth),
+        (cyc_i, 2.5 * np.exp(-((t_m - 0.35) ** 2) / 0.01) * malignant),
+        (a_i, 3.5 * ramp * (branch == "A")),
+        (b_i, 3.5 * ramp * (branch == "B")),
+        *[(gi, 3.0 * activity) for gi in prog_i.values()],
+        (mito_i, 2.5 * low_q + mito_shift),
+        *[(gi, 6.5 * (cell_type == k)) for k, gi in type_i.items()],
+        (ligand_i, 6.5 * (cell_type == "fibroblast")),
+        (receptor_i, 2.0 * stem_like),
+    ]
+    arm_values = arm.to_numpy()
+    for s, evs in enumerate(events):
+        for ev in evs:
+            modules.append((np.flatnonzero(arm_values == ev["arm"]),
+                            np.log(ev["fold"]) * (malignant & (sample_of == s))))
+
+    block = 2000
+    chunks = []
+    for s in range(n_samples):
+        rows = np.flatnonzero(sample_of == s)
+        for s0 in range(rows[0], rows[-1] + 1, block):
+            sl = slice(s0, min(rows[-1] + 1, s0 + block))
+            chunks.append(_sample_counts(rng, base + gene_shift[s], modules, lib[sl], sl))
+    names = np.array([f"{samples[s]}_cell{i:06d}" for i, s in enumerate(sample_of)])
+    obs = pd.DataFrame({
+        "sample": np.array(samples)[sample_of], "true_sample": np.array(samples)[sample_of],
+        "true_malignant": malignant, "true_cell_type": cell_type.astype(str),
+        "true_pseudotime": np.where(malignant, t_m, np.nan), "true_stem_like": stem_like, "true_branch": branch,
+        "true_state": state, "true_doublet": False, "true_low_quality": low_q, "true_programme": programme,
+    }, index=names)
+
+    # Doublets: sums of two healthy cells of the same sample, carrying the first cell's truth.
+    n_dbl = int(round(frac_doublets * n))
+    if n_dbl:
+        healthy = np.flatnonzero(~low_q)
+        pa = rng.choice(healthy, size=n_dbl)
+        pb = np.empty_like(pa)
+        for s in range(n_samples):
+            here = sample_of[pa] == s
+            pool = healthy[sample_of[healthy] == s]
+            pb[here] = rng.choice(pool, size=int(here.sum()))
+        chunks.append(_take_rows_at(chunks, pa) + _take_rows_at(chunks, pb))
+        dbl = obs.iloc[pa].copy()
+        dbl["true_doublet"] = True
+        dbl.index = [f"{samples[sample_of[a]]}_doublet{i:05d}" for i, a in enumerate(pa)]
+        obs = pd.concat([obs, dbl])
+    for col in ("sample", "true_sample", "true_cell_type", "true_branch", "true_state"):
+        obs[col] = pd.Categorical(obs[col])
+    order = rng.permutation(len(obs))
+    X = _assemble_rows(chunks, order, n_g)
+    adata = ad.AnnData(X=X, obs=obs.iloc[order], var=pd.DataFrame(index=pd.Index(genes, name="gene_symbols")))
+    malignant_obs = adata.obs["true_malignant"].to_numpy() & ~adata.obs["true_doublet"].to_numpy()
+    adata.uns["simulation"] = {
+        "seed": seed, "n_cells": n_cells, "n_genes": n_g, "n_samples": n_samples, "samples": samples,
+        "planted_programmes": {k: list(v) for k, v in PLANTED_PROGRAMMES.items()},
+        "stem_genes": STEM_GENES, "cycling_genes": CYCLING_GENES,
+        "normal_types": {k: list(v) for k, v in NORMAL_TYPES.items()},
+        "planted_interactions": json.dumps(PLANTED_INTERACTIONS),
+        "cnv_events": json.dumps({samples[s]: evs for s, evs in enumerate(events)}),
+        # planted share of stem-like cells among each patient's malignant cells (exact, before doublets)
+        "stem_fraction": {samples[s]: float(stem_fractions[s]) for s in range(n_samples)},
+        "stem_fraction_realised": {
+            samples[s]: float(adata.obs.loc[malignant_obs & (adata.obs["sample"] == samples[s]).to_numpy(),
+                                            "true_stem_like"].mean()) for s in range(n_samples)},
+        "normal_fraction": {samples[s]: float(normal_frac[s]) for s in range(n_samples)},
+        "batch_sd": float(batch_sd), "depth_factor": {samples[s]: float(depth[s]) for s in range(n_samples)},
+    }
+    return adata
+
+
+def simulate_tumour(n_cells: int = 3000, n_genes: int = 4000, *, seed: int = 0,
+                    frac_doublets: float = 0.05, frac_low_quality: float = 0.05,
+                    mean_library_size: float = 6000.0, frac_programme_cells: float = 0.7,
+                    chunk_size: int = 5000, n_samples: int = 3, frac_normal: float = 0.3,
+                    stem_fractions: Sequence[float] = (), n_cnv_arms: int = 6, cnv_gain: float = 1.5,
+                    cnv_loss: float = 0.5, batch_sd: float = 0.25) -> ad.AnnData:
+    """Simulate raw UMI counts of a tumour with a branching stem-cell hierarchy.
+
+    By default a cohort of ``n_samples`` patients is simulated (why: real tumour data mix patients and normal cells, and the
+    pipeline must tell malignant from normal and call stem-like cells within each tumour):
+
+    - every patient has its own batch shift: a per-gene log-scale factor (sd ``batch_sd``) and a depth factor;
+    - malignant cells (``1 - frac_normal`` of a patient's cells, varying +-25 % between patients) follow
+      the branching hierarchy of the single-sample model and carry ``n_cnv_arms`` planted arm-level
+      gains (x ``cnv_gain``) and losses (x ``cnv_loss``) of that patient, at the genes' real GRCh38
+      positions (shipped gene table, approximate centromeres), alternating gain/loss;
+    - exactly ``stem_fractions[p]`` of patient p's malignant cells are stem-like (t < 0.2); by default the
+      shares differ per patient (8 % to 22 %), so that per-patient calls can be checked;
+    - normal T cells, myeloid cells, fibroblasts and endothelial cells (``NORMAL_TYPES``), without CNVs,
+      with a differentiated (low) breadth of transcription;
+    - planted ligand-receptor pairs (``PLANTED_INTERACTIONS``): fibroblasts make CXCL12 and HGF, every
+      stem-like malignant cell raises CXCR4 and MET; the migration programmes are planted as before.
+
+    ``n_samples=1, frac_normal=0, n_cnv_arms=0`` gives the single-sample simulator (malignant cells of one
+    patient only, no CNVs) with exactly the counts it gave before the cohort existed.
+
+    Returns AnnData (CSR float32 counts) with ground truth in ``obs``: ``true_pseudotime`` (NaN for
+    normal cells), ``true_stem_like``, ``true_branch`` ('normal' for normal cells), ``true_state``,
+    ``true_doublet``, ``true_low_quality``, ``true_programme``; for a cohort also ``sample`` and
+    ``true_sample`` (the patient), ``true_malignant`` and ``true_cell_type``; planted values in
+    ``uns['simulation']`` (``cnv_events`` and ``planted_interactions`` as JSON text, ``stem_fraction``
+    per patient).
+    """
+    if n_samples < 1:
+        raise ValueError("n_samples must be at least 1")
+    if not 0 <= frac_normal < 1:
+        raise ValueError("frac_normal must be in [0, 1)")
+    if n_samples == 1 and frac_normal == 0 and n_cnv_arms == 0:
+        return _simulate_single(n_cells, n_genes, seed=seed, frac_doublets=frac_doublets,
+                                frac_low_quality=frac_low_quality, mean_library_size=mean_library_size,
+                                frac_programme_cells=frac_programme_cells, chunk_size=chunk_size)
+    return _simulate_cohort(n_cells, n_genes, seed=seed, frac_doublets=frac_doublets,
+                            frac_low_quality=frac_low_quality, mean_library_size=mean_library_size,
+                            frac_programme_cells=frac_programme_cells, n_samples=n_samples,
+                            frac_normal=frac_normal, stem_fractions=stem_fractions, n_cnv_arms=n_cnv_arms,
+                            cnv_gain=cnv_gain, cnv_loss=cnv_loss, batch_sd=batch_sd)
