@@ -241,7 +241,7 @@ def niche_interactions(adata: ad.AnnData, *, groupby: str = Obs.LEIDEN, csc_key:
     species
         ``"human"`` or ``"mouse"``: which LIANA consensus table, and how the review's axes are matched.
     n_perms
-        Label permutations of the CellPhoneDB test (p-values resolve to 1/n_perms).
+        Label permutations of the CellPhoneDB test (p-values resolve to 1 / (n_perms + 1)).
     expr_prop
         Minimum fraction of a group's cells expressing every ligand/receptor subunit (LIANA).
     min_cells
@@ -269,7 +269,8 @@ def niche_interactions(adata: ad.AnnData, *, groupby: str = Obs.LEIDEN, csc_key:
     - ``adata.uns[key_added]``: ``interactions``, a tidy DataFrame, one row per (sender, receiver, ligand,
       receptor), best first, with ``magnitude`` (LIANA magnitude rank aggregate, 0-1, *smaller* = stronger
       expression), ``specificity`` (specificity rank aggregate, 0-1, smaller = more specific to the pair of
-      groups), ``p`` (CellPhoneDB permutation p of the pair's mean expression, as (b + 1) / (n_perms + 1): never 0), ``q`` (BH over the table),
+      groups), ``p`` (CellPhoneDB permutation p of the pair's mean expression, as (b + 1) / (n_perms + 1):
+      never 0), ``q`` (BH over the table),
       ``lr_mean`` (mean of ligand and receptor means), per-group ligand/receptor means and detected
       fractions, ``review_axis`` ('' when none) and ``rank``; ``groups`` (cells per group, cells used);
       ``params_json`` and ``notes_json`` (JSON text: h5ad holds no None).
@@ -339,7 +340,7 @@ def niche_interactions(adata: ad.AnnData, *, groupby: str = Obs.LEIDEN, csc_key:
             out = None
         if out is not None and len(out):
             table = _tidy(out, sub, groups, species, alpha, n_perms)
-        else:
+        elif out is not None:
             notes.append("No ligand-receptor pair passed expr_prop in any scored pair of groups.")
     n_axis = int((table["review_axis"] != "").sum()) if len(table) else 0
     notes.append(f"{len(table)} interactions scored over {len(groups)} groups; {n_axis} on the review's axes.")
