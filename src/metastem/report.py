@@ -376,9 +376,10 @@ def stemness_facts(info: Mapping[str, Any]) -> list[tuple[str, str]]:
     if method and info.get("method_requested") not in (None, method):
         method = f"{method} (requested {info['method_requested']})"
     rho = corr.get("stemness_vs_gene_counts")
-    direction = info.get("direction")
-    if direction:   # issue 17: whether independent evidence agrees on which end is the stem end
-        direction = f"{direction}: {info['direction_reason']}" if info.get("direction_reason") else direction
+    direction = info.get("direction")   # issue 17: does independent evidence agree on which end is the stem end?
+    if direction and info.get("agreement_cytotrace_vs_programme") is not None:
+        direction = (f"{direction} (Spearman of the CytoTRACE-style score with the curated programmes "
+                     f"{info['agreement_cytotrace_vs_programme']:+.2f}; supported from {info.get('min_agreement', 0.3):g})")
     ingredients = info.get("stemness_vs_ingredient") or {}
     facts = [("Score", method),
              ("Direction", direction),

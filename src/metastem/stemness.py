@@ -764,12 +764,12 @@ def score_stemness(adata: ad.AnnData, *, species: str = "human", method: str = "
     else:
         threshold = None
         obs[Obs.CSC_LIKE] = False
-    if verdict["direction"] == "uncertain":
-        notes.append(f"direction uncertain: {verdict['reason']}. CSC-like calls and the automatic pseudotime root "
-                     "follow this score; if the stem-like population is known, set it from labels "
-                     "(pseudotime.root: 'label:<value>')")
     for note in notes:
         log.info(note)
+    if verdict["direction"] == "uncertain":   # the report shows it in a box of its own, not among the notes
+        log.warning("direction uncertain: %s. CSC-like calls and the automatic pseudotime root follow this score; if "
+                    "the stem-like population is known, set it from labels (pseudotime.root: 'label:<value>')",
+                    verdict["reason"])
     ingredients = [c for c in INGREDIENTS if c in obs]
     sets = [c for c in obs if c.startswith((SET_PREFIX, Obs.STEMNESS_DIFF_SET_PREFIX))]
     info = {
