@@ -39,7 +39,7 @@ SCROLL_ROWS = 15
 MAX_TABLE_ROWS = 500
 MARKERS_PER_CLUSTER = 8
 PACKAGES = ("metastem", "scanpy", "anndata", "numpy", "scipy", "pandas", "scikit-learn", "umap-learn",
-            "pynndescent", "igraph", "leidenalg", "gseapy", "matplotlib", "snakemake", "jinja2")
+            "pynndescent", "igraph", "leidenalg", "gseapy", "liana", "matplotlib", "snakemake", "jinja2")
 
 
 @dataclass
