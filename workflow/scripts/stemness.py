@@ -6,15 +6,17 @@ sys.path.insert(0, str(Path(snakemake.scriptdir).parents[1] / "src"))  # noqa: F
 from metastem.smk import run  # noqa: E402
 
 # obs columns handed to later stages (docs/CONTRACTS.md: stemness/cells.tsv.gz)
-FIXED_COLUMNS = ["stemness", "csc_like", "stemness_cytotrace", "stemness_gene_counts", "stemness_signature",
+FIXED_COLUMNS = ["stemness", "csc_like", "stemness_cytotrace", "stemness_gene_counts", "stemness_depth_adjusted",
+                 "stemness_entropy", "stemness_programme", "stemness_proliferation", "stemness_signature",
                  "S_score", "G2M_score", "phase"]
 
 
 def per_cell_table(adata):
     """Every obs column this stage adds, index = cell barcode."""
-    from metastem.stemness import SET_PREFIX
+    from metastem._keys import Obs
 
-    cols = [c for c in FIXED_COLUMNS if c in adata.obs] + [c for c in adata.obs if c.startswith(SET_PREFIX)]
+    prefixes = (Obs.STEMNESS_SET_PREFIX, Obs.STEMNESS_DIFF_SET_PREFIX)
+    cols = [c for c in FIXED_COLUMNS if c in adata.obs] + [c for c in adata.obs if c.startswith(prefixes)]
     return adata.obs[cols]
 
 
