@@ -210,3 +210,13 @@ def test_schema_defaults_equal_the_signature_and_the_rule_script_runs(repo, tmp_
     info = json.loads(out["info"].read_text())
     assert info["params"]["groupby_used"] == "cell_type" and "CXCL12->CXCR4" in info["review_axes_specific"]
     assert info["n_interactions"] == len(table) and out["figure"].stat().st_size > 10000
+
+
+def test_mouse_data_use_the_mouse_resource_and_axes():
+    adata = _planted(seed=3)
+    adata.var_names = [g.capitalize() for g in adata.var_names]
+    niche.niche_interactions(adata, groupby="cell_type", species="mouse", n_perms=100, seed=0)
+    t = niche.interactions_table(adata)
+    top = t.iloc[0]
+    assert (top["sender"], top["ligand"], top["receptor"], top["review_axis"]) == ("fibroblast", "Cxcl12", "Cxcr4",
+                                                                                  "CXCL12->CXCR4")
