@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import os
 from pathlib import Path
 
 import anndata as ad
@@ -24,7 +25,10 @@ from metastem.errors import MetastemError
 from metastem.genesets import read_gmt
 
 
-HSMM = Path("/usr/lib/R/site-library/HSMMSingleCell/data")   # Debian package r-bioc-hsmmsinglecell
+# Debian package r-bioc-hsmmsinglecell (apt-get install -y r-bioc-hsmmsinglecell); without R:
+# `apt-get download r-bioc-hsmmsinglecell && dpkg -x r-bioc-hsmmsinglecell_*.deb DIR` and
+# METASTEM_HSMM_DATA=DIR/usr/lib/R/site-library/HSMMSingleCell/data
+HSMM = Path(os.environ.get("METASTEM_HSMM_DATA", "/usr/lib/R/site-library/HSMMSingleCell/data"))
 
 
 @pytest.fixture(scope="module")
@@ -151,7 +155,7 @@ def test_hsmm_myoblasts_sign_right_where_gene_counts_run_backwards(defaults, ste
     The rule was developed with these data in view (they are not held out); the curated myogenic sets are
     textbook markers, not learnt from them.
     """
-    require(HSMM.is_dir(), f"{HSMM} is absent (apt-get install r-bioc-hsmmsinglecell)")
+    require(HSMM.is_dir(), f"{HSMM} is absent (apt-get install r-bioc-hsmmsinglecell, or set METASTEM_HSMM_DATA)")
     adata = _clustered(read_hsmm(), "normalized", defaults["cluster"])
     info = stemness.score_stemness(adata, species="human", seed=0, **stem_params)
     assert info["direction"] == "uncertain", info["direction_reason"]
