@@ -71,7 +71,8 @@ def test_antimode_rule_recovers_planted_shares():
 
 
 @pytest.mark.parametrize("draw", [lambda r, n: r.random(n), lambda r, n: r.normal(size=n),
-                                  lambda r, n: r.gamma(2.0, size=n), lambda r, n: r.beta(1.1, 1.3, n)])
+                                  lambda r, n: r.gamma(2.0, size=n), lambda r, n: r.beta(1.1, 1.3, n),
+                                  lambda r, n: np.where(r.random(n) < 0.4, 0.0, r.gamma(2.0, size=n))])
 def test_unimodal_scores_are_not_distinct(draw):
     rng = np.random.default_rng(3)
     hits = [csc.stemness_modes(draw(rng, n))["distinct"] for n in (60, 300, 2000) for _ in range(10)]

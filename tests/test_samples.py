@@ -208,7 +208,8 @@ def test_cohort_index_has_a_sortable_row_per_sample(tmp_path):
     assert 'href="tumA/report.html"' in out.read_text()
     frame = report.per_sample_frame({"per_sample": {"P1": {"cells_in": 120, "cells_out": 100}}},
                                     pd.DataFrame([csc_row("P1", 100, 80, 8, True)]))
-    assert frame.loc[0, "malignant fraction"] == pytest.approx(0.8) and bool(frame.loc[0, "distinct stem-like population"])
+    assert frame.loc[0, "malignant fraction"] == pytest.approx(0.8)
+    assert bool(frame.loc[0, "distinct stem-like population"])
 
 
 def test_per_sample_mad_catches_damaged_cells_that_pooling_misses(defaults):

@@ -11,11 +11,15 @@ A fixed quantile always calls (1 - quantile) of the cells, whether or not there 
 population. So each sample is also asked whether its malignant cells' stemness has a distinct upper
 mode (``stemness_modes``): a Gaussian kernel density (Scott's bandwidth x 0.7) with an antimode whose
 density is below 0.6 x the lower of the highest densities on either side, and at least 3 % of the cells
-(and 10 cells) above it but at most half of them. Calibrated on simulated scores (30 draws each,
-40-5000 cells): uniform, normal, beta(1.1, 1.3), gamma(2) and log-normal scores are called distinct
-in at most 7 % of draws (at 200 cells; 0-3 % otherwise), and two normal modes 3.5-4 SD apart holding
-5-20 % of the cells in 47-100 % of draws from 200 cells on (fewer than ~100 cells: rarely). A sample without
-a distinct mode is reported as such (``distinct`` False) instead of headlining "10 % CSC-like".
+(and 10 cells) above it but at most 35 % of them (a minority population). A single value shared by more
+than 10 % of the cells (the floor of a zero-inflated gene-set score) is set aside before the density is
+estimated: its spike would make a dip of its own. Calibrated with this function on simulated scores
+(30 draws per shape and size, 40-5000 cells; tests/test_csc.py checks the unimodal side): uniform, normal,
+beta(1.1, 1.3), gamma(2), log-normal, zero-inflated gamma (40 % zeros) and rank-scaled scores are called
+distinct in at most 7 % of draws (log-normal at 200 cells; 0 % otherwise); two normal modes 3.5-4 SD apart
+with 5-20 % of the cells in the upper one in 47-83 % of draws at 200 cells and 77-100 % from 1000 cells on
+(rarely below 100 cells). A sample without a distinct mode is reported as such (``distinct`` False)
+instead of headlining "10 % CSC-like".
 
 Rules: ``'quantile'`` (default) calls the malignant cells at or above the sample's ``quantile`` of
 stemness; ``'antimode'`` calls the cells above the antimode where the sample has a distinct mode (so the
@@ -37,7 +41,8 @@ log = logging.getLogger(__name__)
 BANDWIDTH_FACTOR = 0.7   # x Scott's factor: narrower finds real modes, wider hides them; calibrated above
 MAX_DIP_RATIO = 0.6      # antimode density / lower side's peak density below this: a distinct mode
 MIN_UPPER_SHARE = 0.03   # the upper mode must hold at least this share (and 10 cells) ...
-MAX_UPPER_SHARE = 0.5    # ... and at most half of the sample's malignant cells
+MAX_UPPER_SHARE = 0.35   # ... and at most 35 % of the sample's malignant cells (a minority population)
+MAX_TIED_SHARE = 0.1     # a single value held by more cells (a zero-inflated score's floor) is set aside
 MAX_KDE_CELLS = 5000     # the density is estimated on at most this many cells (seeded), so cost stays flat
 GRID = 512
 
@@ -59,6 +64,13 @@ def stemness_modes(x: np.ndarray, *, seed: int = 0) -> dict:
     none = {"distinct": False, "dip_ratio": 1.0, "antimode": float("nan"), "upper_share": 0.0}
     if x.size < 20 or np.ptp(x) == 0:
         return none
+    n_all = x.size
+    floor = x.min()
+    if np.mean(x == floor) > MAX_TIED_SHARE:
+        # a spike of tied lowest values (cells scoring 0 on a gene-set score) would make a dip of its own
+        x = x[x > floor]
+        if x.size < 20 or np.ptp(x) == 0:
+            return none
     fit = x if x.size <= MAX_KDE_CELLS else np.random.default_rng(seed).choice(x, MAX_KDE_CELLS, replace=False)
     try:
         kde = gaussian_kde(fit)
@@ -73,9 +85,9 @@ def stemness_modes(x: np.ndarray, *, seed: int = 0) -> dict:
     sorted_x = np.sort(x)
     for i in minima:
         ratio = float(f[i] / min(left[i], right[i]))
-        upper = 1.0 - np.searchsorted(sorted_x, grid[i], side="right") / x.size
-        n_upper = upper * x.size
-        if ratio < best["dip_ratio"] and max(MIN_UPPER_SHARE, 10 / x.size) <= upper <= MAX_UPPER_SHARE \
+        n_upper = x.size - np.searchsorted(sorted_x, grid[i], side="right")
+        upper = n_upper / n_all    # a share of all the sample's malignant cells, tied floor included
+        if ratio < best["dip_ratio"] and max(MIN_UPPER_SHARE, 10 / n_all) <= upper <= MAX_UPPER_SHARE \
                 and n_upper >= 10:
             best = {"distinct": ratio < MAX_DIP_RATIO, "dip_ratio": ratio, "antimode": float(grid[i]),
                     "upper_share": float(upper)}
