@@ -86,7 +86,11 @@ def gene_set_files(stage: str):
     def fn(wildcards) -> list[str]:
         p = PARAMS[wildcards.dataset][stage]
         species = SHEET.loc[wildcards.dataset, "species"]
-        sets = p["gene_sets"] + p.get("extra_gene_sets", []) + p.get("differentiation_sets", [])
+        sets = (
+            p["gene_sets"]
+            + p.get("extra_gene_sets", [])
+            + p.get("differentiation_sets", [])
+        )
         return resolve_gene_sets(sets, species)
 
     return fn
@@ -152,3 +156,26 @@ def wired_outputs(**wanted):
         return out
 
     return fn
+
+
+def caption_texts(stages, caption_path) -> dict[str, str]:
+    """{file stem: caption text} for every file a stage rule declares that has a caption in
+    workflow/report/. ``caption_path(stem)`` is workflow.source_path of the caption, called from the
+    rule file (a local copy also when the workflow is a module pulled by tag, where nothing is on disk).
+    Passed to the report rule as params, so a caption edit reruns the report."""
+    stems = {
+        Path(str(f)).name.split(".")[0]
+        for stage in stages
+        if rules.has(stage)
+        for f in getattr(rules, stage).rule.output
+    }
+    texts = {}
+    for stem in sorted(stems):
+        try:
+            with open(caption_path(stem)) as fh:
+                texts[stem] = fh.read()
+        except (
+            Exception
+        ):  # no caption for this file (OSError locally, WorkflowError from a git source)
+            continue
+    return texts

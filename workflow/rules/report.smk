@@ -1,28 +1,10 @@
 # Reports: one self-contained report.html per dataset, and results/index.html linking them all.
 from metastem import report as metastem_report
 
-
-def _caption_texts() -> dict[str, str]:
-    """{file stem: caption text} for every file a stage rule declares that has a caption in
-    workflow/report/. Read through workflow.source_path, so that it works when the workflow is a
-    module pulled by tag (no checkout on disk); passed as params, so a caption edit reruns the report."""
-    stems = {
-        Path(str(f)).name.split(".")[0]
-        for stage in metastem_report.STAGES
-        if rules.has(stage)
-        for f in getattr(rules, stage).rule.output
-    }
-    texts = {}
-    for stem in sorted(stems):
-        try:
-            with open(workflow.source_path(f"../report/{stem}.rst")) as fh:
-                texts[stem] = fh.read()
-        except Exception:  # no caption for this file
-            continue
-    return texts
-
-
-CAPTIONS = _caption_texts()
+# every caption of workflow/report/, read through workflow.source_path (works for a module pulled by tag)
+CAPTIONS = caption_texts(
+    metastem_report.STAGES, lambda stem: workflow.source_path(f"../report/{stem}.rst")
+)
 
 
 rule report:

@@ -1,9 +1,5 @@
 """Snakemake wrapper: read one dataset, run QC, write the filtered AnnData, tables and figure."""
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(snakemake.scriptdir).parents[1] / "src"))  # noqa: F821
-from metastem.smk import run  # noqa: E402
+from metastem.smk import run
 
 
 def main(smk) -> None:

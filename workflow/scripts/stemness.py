@@ -1,9 +1,7 @@
 """Snakemake wrapper: stemness scores, CSC-like calls, tables, figures and the per-cell table."""
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(snakemake.scriptdir).parents[1] / "src"))  # noqa: F821
-from metastem.smk import run  # noqa: E402
+from metastem.smk import run
 
 # obs columns handed to later stages (docs/CONTRACTS.md: stemness/cells.tsv.gz)
 FIXED_COLUMNS = ["stemness", "csc_like", "stemness_cytotrace", "stemness_gene_counts", "stemness_depth_adjusted",
