@@ -36,8 +36,11 @@ def _set_threads(n: int) -> None:
 
 def run(smk: Any, main: Callable[[Any], None]) -> None:
     """Run ``main(smk)`` as a pipeline step with logging, threads and one-line errors."""
+    from metastem import enable_numba_cache
+
     log_path = Path(smk.log[0])
     log_path.parent.mkdir(parents=True, exist_ok=True)
+    enable_numba_cache()  # before anything imports pynndescent or umap: compile once, reuse in every later job
     _set_threads(max(1, int(smk.threads)))
     logging.basicConfig(filename=log_path, filemode="w", level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
@@ -47,6 +50,10 @@ def run(smk: Any, main: Callable[[Any], None]) -> None:
     t0 = time.time()
     dataset = getattr(smk.wildcards, "dataset", None)
     log.info("rule %s, dataset %s, threads %s", smk.rule, dataset, smk.threads)
+    from metastem import _timing  # a line per step (read, computations, write) with its peak RSS
+
+    _timing.enable()
+    _timing.log_startup()
     try:
         main(smk)
     except MetastemError as err:
@@ -67,7 +74,7 @@ def run(smk: Any, main: Callable[[Any], None]) -> None:
     finally:  # also on sys.exit
         digest.summarise()
         warnings.showwarning = saved_showwarning
-    log.info("done in %.1f s", time.time() - t0)
+    log.info("done in %.1f s, peak RSS %.2f GB", time.time() - t0, _timing.peak_rss_gb())
 
 
 class WarningDigest:
