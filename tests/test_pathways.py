@@ -506,3 +506,13 @@ def test_wilcoxon_z_equals_scanpy_with_ties_negatives_and_constant_genes(fmt):
     ref = ref.reindex(tmp.var_names).to_numpy(dtype=float)
     assert np.flatnonzero(np.isnan(z)).tolist() == [6, 7] and (ref[[6, 7]] == 0).all()
     np.testing.assert_allclose(np.nan_to_num(z), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_stemness_genes_are_read_from_the_stemness_stage_outputs(tmp_path):
+    info = tmp_path / "info.json"
+    info.write_text(json.dumps({"signature_genes": ["NES", "CD44", "SOX2"]}))
+    table = tmp_path / "stemness_gene_sets.tsv"
+    pd.DataFrame({"set": ["A", "B", "C"], "role": ["stem", "differentiation", "stem"],
+                  "genes_found": ["CD44,PROM1", "KRT18", np.nan]}).to_csv(table, sep="\t", index=False)
+    assert pw.stemness_genes(info, table) == ["NES", "CD44", "SOX2", "PROM1", "KRT18"]
+    assert pw.stemness_genes(tmp_path / "absent.json", None) == []

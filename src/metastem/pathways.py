@@ -850,7 +850,7 @@ def methods_text(params: dict, seed: int, n_samples: int, unit: str, n_excluded:
            f"BH q < {params['fdr']}" if n_samples >= MIN_REPLICATION_SAMPLES else
            f"with {n_samples} sample(s) the cells of one tumour are not independent replicates, so every result is "
            f"descriptive (n = {n_samples} samples) and its interval is a bootstrap over cells within the sample")
-    return (f"Gene sets were scored per cell with AUCell (Aibar et al. 2017; top {5}% of each cell's genes; tied values "
+    return (f"Gene sets were scored per cell with AUCell (Aibar et al. 2017; top 5 % of each cell's genes; tied values "
             f"share their ranks, so scores do not depend on gene order). The {n_excluded} genes of the stemness score "
             "(gene-count signature and stemness sets) were removed from every pathway set before scoring; the sets that "
             f"define CSC-like cells ({', '.join(params['positive_controls']) or 'none'}) were scored as positive "
@@ -858,7 +858,7 @@ def methods_text(params: dict, seed: int, n_samples: int, unit: str, n_excluded:
             f"Cohen's d within each sample, {params['n_boot']} bootstrap replicates for its 95 % CI). Each set was "
             f"compared with {params['n_null']} random gene sets of the same size matched gene by gene on bins of mean "
             "expression x detection and scored in the same pass; a set is called when the BH-adjusted empirical p is "
-            f"below {params['fdr']}. {rep.capitalize()}. Unit of replication: {unit}. GSEA prerank (gseapy; Wilcoxon "
+            f"below {params['fdr']}. {rep[0].upper() + rep[1:]}. Unit of replication: {unit}. GSEA prerank (gseapy; Wilcoxon "
             f"z ranking of malignant cells, {params['gsea_permutations']} permutations, sets with at least "
             f"{params['gsea_min_genes']} genes) and ssGSEA of per-cluster pseudobulk are descriptive. Seed {seed}.")
 
