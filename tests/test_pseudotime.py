@@ -1,4 +1,5 @@
-"""Pseudotime: direction from stemness, known orders recovered, topology, disconnected graphs, explicit roots."""
+"""Pseudotime: direction from stemness, known orders recovered, topology, disconnected graphs, explicit roots,
+roots that are never doublets, and the annotations file the final AnnData is built from."""
 from __future__ import annotations
 
 import json
@@ -38,35 +39,45 @@ def ginhoux(shared_datasets, defaults):
     from metastem import cluster
 
     adata = ad.read_h5ad(shared_datasets / "ginhoux_dc_progenitors.h5ad")
+    adata.obs["n_genes_by_counts"] = np.asarray((adata.X > 0).sum(axis=1)).ravel()  # as QC records it
     cluster.normalize(adata, values="log", target_sum=defaults["cluster"]["target_sum"])
     cluster.embed_and_cluster(adata, defaults["cluster"], seed=0)
     adata.obs["stemness"] = stemness_stand_in(adata)
     return adata
 
 
+def _params(defaults, **kw) -> dict:
+    """The schema's pseudotime section as keyword arguments of ``pt.pseudotime`` (the PAGA limit is ``pt.paga``'s)."""
+    params = {**defaults["pseudotime"], **kw}
+    params.pop("paga_umap_max_cells")
+    return params
+
+
+def _run(adata, defaults, **kw) -> dict:
+    pt.pseudotime(adata, **_params(defaults, **kw))
+    return pt.pseudotime_info(adata)
+
+
 @pytest.fixture(scope="module")
 def demo_run(demo_clustered, defaults):
     adata = demo_clustered.copy()
     adata.obs["stemness"] = stemness_stand_in(adata)
-    info = pt.run_pseudotime(adata, defaults["pseudotime"], seed=0)
+    info = _run(adata, defaults)
     return adata, info
-
-
-def _params(defaults, **kw) -> dict:
-    return {**defaults["pseudotime"], **kw}
 
 
 def test_ginhoux_auto_root_recovers_known_order(ginhoux, defaults):
     adata = ginhoux.copy()
-    info = pt.run_pseudotime(adata, defaults["pseudotime"])
+    info = _run(adata, defaults)
     order = adata.obs["group"].map(GINHOUX_ORDER).to_numpy(dtype=float)
     rho = spearmanr(adata.obs["pseudotime"], order)[0]
-    # Measured 0.804: the rule picks an MDP cell in a small MDP/CDP cluster with the most detected genes;
-    # every MDP root on this graph gives 0.80-0.87 (median 0.857), a CDP or PreDC root far less.
+    # Measured 0.804 with the doublet-proof rule (same root cell as the former tip-of-the-top-5% rule, 0.804):
+    # an MDP cell in a small MDP/CDP cluster; every MDP root on this graph gives 0.80-0.87 (median 0.857), a CDP
+    # or PreDC root far less. The medoid of the candidates instead of their tip would give 0.75 (a CDP cell).
     assert rho >= 0.80, (rho, info["root"])
     assert adata.obs["group"].iloc[info["root"]["index"]] == "MDP"
     assert adata.obs["pseudotime"].iloc[info["root"]["index"]] == 0
-    diag = pt.pseudotime_diagnostics(adata, info).set_index("metric")["value"]
+    diag = pt.pseudotime_diagnostics(adata).set_index("metric")["value"]
     assert diag["spearman_pseudotime_stemness"] < -0.5  # measured -0.94
     assert diag["root_stability_median_spearman"] > 0.9  # measured 0.99
     assert diag["n_unreachable"] == 0
@@ -74,7 +85,7 @@ def test_ginhoux_auto_root_recovers_known_order(ginhoux, defaults):
 
 def test_ginhoux_label_root(ginhoux, defaults):
     adata = ginhoux.copy()
-    info = pt.run_pseudotime(adata, _params(defaults, root="label:MDP"), labels_key="group")
+    info = _run(adata, defaults, root="label:MDP", labels_key="group")
     assert adata.obs["group"].iloc[info["root"]["index"]] == "MDP"
     order = adata.obs["group"].map(GINHOUX_ORDER).to_numpy(dtype=float)
     assert spearmanr(adata.obs["pseudotime"], order)[0] >= 0.80
@@ -90,7 +101,7 @@ def test_demo_direction_and_known_time(demo_run):
     # test's stand-in stemness; 0.975 and 0.970 on simulator seeds 0 and 1 through the real stages).
     assert spearmanr(p, t)[0] >= 0.93
     assert adata.obs["true_stem_like"].iloc[info["root"]["index"]]
-    diag = pt.pseudotime_diagnostics(adata, info, truth_key="true_pseudotime").set_index("metric")
+    diag = pt.pseudotime_diagnostics(adata, truth_key="true_pseudotime").set_index("metric")
     assert diag.loc["spearman_pseudotime_stemness", "value"] < -0.5
     assert diag.loc["n_unreachable", "value"] == 0
 
@@ -110,8 +121,8 @@ def test_demo_branches_are_separate_paga_paths(demo_run):
     simulator seeds 0/2/3: A-B at most 0.080/0.048/0.090 vs branch-junction at least 0.18/0.085/0.19)."""
     adata, _ = demo_run
     adata = adata.copy()
-    paga = pt.run_paga(adata, umap=False)
-    json.dumps(paga)
+    pt.paga(adata, paga_umap_max_cells=0)
+    json.dumps(pt.paga_summary(adata))
     branch = _branch_of_clusters(adata)
     assert {"A", "B"} <= set(branch), branch
     edges = pt.paga_connectivity_table(adata)
@@ -127,7 +138,8 @@ def test_demo_branches_are_separate_paga_paths(demo_run):
 def test_paga_dict_and_umap(demo_run):
     adata, _ = demo_run
     adata = adata.copy()
-    paga = pt.run_paga(adata, umap=True, seed=0)
+    pt.paga(adata, random_state=0)
+    paga = pt.paga_summary(adata)
     assert adata.obsm["X_umap_paga"].shape == (adata.n_obs, 2)
     assert {n["cluster"] for n in paga["nodes"]} == set(adata.obs["leiden"].astype(str))
     assert all({"x", "y", "n_cells", "median_pseudotime", "median_stemness"} <= n.keys() for n in paga["nodes"])
@@ -151,7 +163,7 @@ def test_disconnected_components_reported_not_hidden(demo_clustered, defaults):
     medians = adata.obs.groupby("leiden", observed=True)["stemness"].median()
     island = np.flatnonzero(adata.obs["leiden"] == medians.idxmin())
     _cut_graph(adata, island)
-    info = pt.run_pseudotime(adata, defaults["pseudotime"])
+    info = _run(adata, defaults)
     p = adata.obs["pseudotime"].to_numpy()
     assert not np.isinf(p).any()
     assert info["n_unreachable"] == island.size
@@ -160,8 +172,13 @@ def test_disconnected_components_reported_not_hidden(demo_clustered, defaults):
     assert np.nanmax(p) == 1 and np.nanmin(p) == 0
     assert "dpt_pseudotime" not in adata.obs or not np.isinf(adata.obs["dpt_pseudotime"]).any()
     assert any("not connected to the root" in n for n in info["notes"])
-    diag = pt.pseudotime_diagnostics(adata, info).set_index("metric")
+    assert info["n_components_left_out"] == 1
+    [left] = info["components_left_out"]
+    assert left["n_cells"] == island.size and left["clusters"] == {str(medians.idxmin()): island.size}
+    assert "no kNN edge joins" in left["why"]
+    diag = pt.pseudotime_diagnostics(adata).set_index("metric")
     assert diag.loc["n_unreachable", "value"] == island.size
+    assert diag.loc["n_components_left_out", "value"] == 1
     reach = np.isfinite(p)
     expected = spearmanr(p[reach], adata.obs["stemness"].to_numpy()[reach])[0]
     assert diag.loc["spearman_pseudotime_stemness", "value"] == pytest.approx(expected)
@@ -171,11 +188,11 @@ def test_disconnected_components_reported_not_hidden(demo_clustered, defaults):
 def test_explicit_cell_and_cluster_roots(demo_clustered, defaults):
     adata = demo_clustered.copy()
     barcode = adata.obs_names[7]
-    info = pt.run_pseudotime(adata, _params(defaults, root=f"cell:{barcode}"))  # no stemness needed
+    info = _run(adata, defaults, root=f"cell:{barcode}")  # no stemness needed
     assert info["root"]["barcode"] == barcode and adata.obs["pseudotime"].iloc[7] == 0
     assert info["root"]["candidates"][0] == barcode and len(info["root"]["candidates"]) == 5
     target = adata.obs["leiden"].cat.categories[1]
-    info = pt.run_pseudotime(adata, _params(defaults, root=f"cluster:{target}"))
+    info = _run(adata, defaults, root=f"cluster:{target}")
     assert info["root"]["cluster"] == str(target)
 
 
@@ -189,24 +206,222 @@ def test_explicit_cell_and_cluster_roots(demo_clustered, defaults):
 def test_bad_explicit_roots_say_how_to_fix(demo_clustered, defaults, root, labels_key, needle):
     adata = demo_clustered.copy()
     with pytest.raises(MetastemError, match=needle) as err:
-        pt.run_pseudotime(adata, _params(defaults, root=root), labels_key=labels_key)
+        _run(adata, defaults, root=root, labels_key=labels_key)
     assert err.value.fix and "Fix:" in str(err.value)
 
 
 def test_auto_root_without_stemness_is_an_error(demo_clustered, defaults):
     with pytest.raises(MetastemError, match="no stemness column 'stemness'") as err:
-        pt.run_pseudotime(demo_clustered.copy(), defaults["pseudotime"])
+        _run(demo_clustered.copy(), defaults)
     assert "pseudotime.root" in err.value.fix
 
 
 def test_figures_are_written(demo_run, tmp_path):
+    import matplotlib.pyplot as plt
+
     from metastem import plots_pseudotime as plots
 
     adata, info = demo_run
     adata = adata.copy()
-    paga = pt.run_paga(adata, umap=False)
-    plots.plot_pseudotime_embedding(adata, tmp_path / "umap.png", root=info["root"]["index"])
-    plots.plot_paga_graph(paga, tmp_path / "paga.png", root_cluster=info["root"]["cluster"])
-    plots.plot_stemness_along_pseudotime(adata, tmp_path / "trend.png")
+    pt.paga(adata, paga_umap_max_cells=0)
+    assert plots.plot_pseudotime_embedding(adata, save=tmp_path / "umap.png") is None
+    plots.plot_paga_graph(adata, save=tmp_path / "paga.png")
+    plots.plot_stemness_along_pseudotime(adata, save=tmp_path / "trend.png")
     for name in ("umap.png", "paga.png", "trend.png"):
         assert (tmp_path / name).stat().st_size > 5000
+    fig = plots.plot_paga_graph(adata, return_fig=True)  # nothing saved unless asked
+    assert f"root cluster {info['root']['cluster']}" in fig.axes[0].get_title()
+    fig, ax = plt.subplots()
+    assert plots.plot_stemness_along_pseudotime(adata, ax=ax, return_fig=True) is fig
+    plt.close("all")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["paga.png", "trend.png", "umap.png"]
+
+
+def test_signature_defaults_equal_the_schema(defaults):
+    """The library's defaults are the pipeline's: one place to read them, no drift."""
+    import inspect
+
+    sig = inspect.signature(pt.pseudotime).parameters
+    for key, value in defaults["pseudotime"].items():
+        owner = pt.paga if key == "paga_umap_max_cells" else pt.pseudotime
+        assert inspect.signature(owner).parameters[key].default == value, key
+    root_sig = inspect.signature(pt.choose_root).parameters
+    for mine, theirs in (("root_min_cluster_fraction", "min_cluster_fraction"), ("root_top_fraction", "top_fraction"),
+                         ("n_root_candidates", "n_candidates"), ("root_doublet_quantile", "doublet_quantile"),
+                         ("root_outlier_nmads", "outlier_nmads"), ("n_dcs", "n_dcs")):
+        assert sig[mine].default == root_sig[theirs].default, mine
+
+
+def test_choose_root_then_pseudotime_from_it(demo_clustered, defaults, tmp_path):
+    """choose_root alone writes uns['pseudotime_root'] and iroot; pseudotime(root=None) follows it; what
+    both write survives an h5ad round trip (no None inside uns)."""
+    import anndata as ad
+
+    adata = demo_clustered.copy()
+    adata.obs["stemness"] = stemness_stand_in(adata)
+    assert pt.choose_root(adata) is None
+    chosen = adata.uns["pseudotime_root"]
+    assert adata.uns["iroot"] == chosen["index"] and adata.obs_names[chosen["index"]] == chosen["barcode"]
+    assert chosen["candidates"][0] == chosen["barcode"] and len(chosen["candidates"]) == 5
+    pt.pseudotime(adata, root=None)
+    assert adata.obs["pseudotime"].iloc[chosen["index"]] == 0
+    params = adata.uns["pseudotime"]["params"]
+    assert params["root_outlier_nmads"] == defaults["pseudotime"]["root_outlier_nmads"] and "labels_key" not in params
+    adata.write_h5ad(tmp_path / "x.h5ad")
+    back = ad.read_h5ad(tmp_path / "x.h5ad")
+    assert pt.pseudotime_info(back) == pt.pseudotime_info(adata)
+    copy = pt.pseudotime(demo_clustered, root=f"cell:{chosen['barcode']}", copy=True)
+    assert "pseudotime" not in demo_clustered.obs and copy.obs["pseudotime"].iloc[chosen["index"]] == 0
+
+
+def _cut_every_cluster(adata) -> None:
+    """Keep only kNN edges inside clusters: each cluster its own component, no inter-cluster edge at all."""
+    labels = adata.obs["leiden"].to_numpy()
+    for key in ("connectivities", "distances"):
+        m = adata.obsp[key].tocoo()
+        keep = labels[m.row] == labels[m.col]
+        adata.obsp[key] = sp.csr_matrix((m.data[keep], (m.row[keep], m.col[keep])), shape=m.shape)
+
+
+def test_no_inter_cluster_edge_completes(demo_run, tmp_path):
+    """The reported crash: sc.tl.paga fails inside igraph when no kNN edge joins two clusters. Ours
+    completes with an edgeless PAGA, honest figures and annotations that scanpy can plot."""
+    import anndata as ad
+    import matplotlib.pyplot as plt
+    import scanpy as sc
+
+    from metastem import plots_pseudotime as plots
+
+    adata, _ = demo_run
+    adata = adata.copy()
+    _cut_every_cluster(adata)
+    with pytest.raises(ValueError, match="mismatching number of index arrays"):
+        sc.tl.paga(adata.copy(), groups="leiden")
+    pt.pseudotime(adata)
+    info = pt.pseudotime_info(adata)
+    n_clusters = adata.obs["leiden"].nunique()
+    assert info["n_components_left_out"] == n_clusters - 1
+    root_cluster = info["root"]["cluster"]
+    assert adata.obs["pseudotime_reachable"].to_numpy().sum() == (adata.obs["leiden"] == root_cluster).sum()
+    assert {k for c in info["components_left_out"] for k in c["clusters"]} == \
+        set(adata.obs["leiden"].astype(str)) - {root_cluster}
+    sizes = [c["n_cells"] for c in info["components_left_out"]]
+    assert sizes == sorted(sizes, reverse=True) and sum(sizes) == info["n_unreachable"]
+    pt.paga(adata, paga_umap_max_cells=adata.n_obs)
+    assert pt.n_inter_cluster_edges(adata) == 0
+    assert adata.uns["paga"]["connectivities"].nnz == 0 and adata.uns["paga"]["connectivities_tree"].nnz == 0
+    assert adata.uns["paga"]["pos"].shape == (n_clusters, 2) and np.isfinite(adata.uns["paga"]["pos"]).all()
+    assert np.isfinite(adata.obsm["X_umap_paga"]).all()
+    summary = pt.paga_summary(adata)
+    assert summary["edges"] == [] and "no kNN edge joins any two" in summary["note"]
+    assert summary["n_components"] == n_clusters
+    json.dumps(summary)
+    fig = plots.plot_paga_graph(adata, return_fig=True, save=tmp_path / "paga.png")
+    assert not fig.axes[0].lines  # no edge drawn where none exists
+    assert "no PAGA edges" in fig.axes[0].get_title()
+    plt.close(fig)
+    assert (tmp_path / "paga.png").stat().st_size > 5000
+    pt.pseudotime_diagnostics(adata)
+    pt.annotations(adata).write_h5ad(tmp_path / "annotations.h5ad")
+    back = ad.read_h5ad(tmp_path / "annotations.h5ad")
+    back.obs["leiden"] = adata.obs["leiden"]
+    # scanpy 1.11's own layout fails on an edgeless graph too (same igraph call); the stored layout works.
+    sc.pl.paga(back, pos=back.uns["paga"]["pos"], show=False)
+    plt.close("all")
+
+
+def disjoint_cell_types(sizes=(200, 150, 100), genes_per_type: int = 300, seed: int = 0):
+    """Raw counts of cell types that share no expressed gene: the kNN graph falls into one component per
+    type, as a tumour's immune cells, fibroblasts and malignant cells can."""
+    import anndata as ad
+
+    rng = np.random.default_rng(seed)
+    n_genes = genes_per_type * len(sizes)
+    blocks = []
+    for t, n in enumerate(sizes):
+        mu = np.zeros((n, n_genes))
+        mu[:, t * genes_per_type:(t + 1) * genes_per_type] = (rng.gamma(0.6, 2.0, genes_per_type)
+                                                              * rng.lognormal(0, 0.3, (n, 1)))
+        blocks.append(rng.poisson(mu))
+    obs = pd.DataFrame({"cell_type": np.repeat([f"type{t}" for t in range(len(sizes))], sizes)},
+                       index=[f"cell{i:04d}" for i in range(sum(sizes))])
+    var = pd.DataFrame(index=[f"T{t}G{j:03d}" for t in range(len(sizes)) for j in range(genes_per_type)])
+    return ad.AnnData(sp.csr_matrix(np.vstack(blocks).astype(np.float32)), obs=obs, var=var)
+
+
+def test_disjoint_cell_types_through_qc_and_clustering(defaults, tmp_path):
+    """Disjoint cell types through the real QC and clustering (resolution 0.5: one cluster per type, i.e.
+    the no-edge case): pseudotime orders the root's type, names the other two as left out, PAGA is edgeless."""
+    from metastem import cluster, qc
+
+    adata, _, _ = qc.run_qc(disjoint_cell_types(), defaults["qc"], values="counts", species="human", seed=0)
+    cluster.normalize(adata, values="counts", target_sum=defaults["cluster"]["target_sum"])
+    cluster.embed_and_cluster(adata, {**defaults["cluster"], "resolution": 0.5}, seed=0)
+    adata.obs["stemness"] = stemness_stand_in(adata)
+    info = _run(adata, defaults)
+    root_type = adata.obs["cell_type"].iloc[info["root"]["index"]]
+    reach = adata.obs["pseudotime_reachable"].to_numpy()
+    assert (adata.obs["cell_type"][reach] == root_type).all() and (adata.obs["cell_type"][~reach] != root_type).all()
+    assert info["n_components_left_out"] == 2
+    left_types = {adata.obs.loc[adata.obs["leiden"].astype(str) == k, "cell_type"].iloc[0]
+                  for c in info["components_left_out"] for k in c["clusters"]}
+    assert left_types == {"type0", "type1", "type2"} - {root_type}
+    pt.paga(adata, paga_umap_max_cells=0)
+    assert pt.paga_summary(adata)["edges"] == []
+
+
+def test_root_is_never_a_planted_doublet(defaults):
+    """Simulated tumours (3 samples, as the demo) with 15% planted doublets through the real QC, clustering
+    and stemness: the root is never a doublet, while the single most stem-like cell of the root cluster (what
+    the former rule's candidates were led by) is one in some seeds (measured: seeds 2 and 3 of these four).
+    Measured on a wider panel (22 simulated datasets, 1 or 3 samples, seeds 1-13): the former rule's root was a
+    doublet in 11, this rule's in 1 (a single-sample tumour, seed 4, where the doublet is typical of its
+    neighbours in genes and counts)."""
+    import inspect
+
+    from metastem import cluster, qc, stemness
+    from metastem.simulate import simulate_tumour
+
+    accepted = inspect.signature(stemness.score_stemness).parameters  # as the stemness script calls it
+    stem_params = {k: v for k, v in defaults["stemness"].items() if k in accepted}
+    naive_doublet = []
+    for seed in (1, 2, 3, 4):
+        adata = simulate_tumour(800, 2000, seed=seed, frac_doublets=0.15)
+        adata, _, _ = qc.run_qc(adata, defaults["qc"], values="counts", species="human", seed=seed)
+        assert adata.obs["true_doublet"].mean() > 0.08  # many doublets survive QC: the hazard is real
+        cluster.normalize(adata, values="counts", target_sum=defaults["cluster"]["target_sum"])
+        cluster.embed_and_cluster(adata, defaults["cluster"], seed=seed)
+        stemness.score_stemness(adata, species="human", seed=seed, **stem_params)
+        info = _run(adata, defaults, random_state=seed)
+        root = info["root"]["index"]
+        assert not adata.obs["true_doublet"].iloc[root], (seed, info["root"])
+        assert adata.obs["true_stem_like"].iloc[root], (seed, info["root"])
+        assert sum(info["root"]["excluded"].values()) > 0 and "excluded as likely doublets" in info["root"]["why"]
+        in_cluster = adata.obs[adata.obs["leiden"].astype(str) == info["root"]["cluster"]]
+        naive_doublet.append(bool(in_cluster["true_doublet"].loc[in_cluster["stemness"].idxmax()]))
+    assert any(naive_doublet), naive_doublet
+
+
+def test_annotations_make_sc_pl_paga_work(demo_run, tmp_path):
+    """pseudotime/annotations.h5ad (DAG contract): no X, the stage's obs, X_diffmap, PAGA in scanpy's layout,
+    iroot, diffmap_evals; joined to the clustered obs it plots with sc.pl.paga and reproduces DPT."""
+    import anndata as ad
+    import matplotlib.pyplot as plt
+    import scanpy as sc
+
+    adata, _ = demo_run
+    adata = adata.copy()
+    pt.paga(adata, paga_umap_max_cells=0)
+    pt.annotations(adata).write_h5ad(tmp_path / "annotations.h5ad")
+    ann = ad.read_h5ad(tmp_path / "annotations.h5ad")
+    assert ann.shape == (adata.n_obs, 0) and list(ann.obs_names) == list(adata.obs_names)
+    assert list(ann.obs.columns) == ["pseudotime", "pseudotime_reachable"]
+    assert set(ann.uns["paga"]) >= {"connectivities", "connectivities_tree", "groups", "pos"}
+    assert sp.issparse(ann.uns["paga"]["connectivities"]) and ann.uns["paga"]["groups"] == "leiden"
+    assert ann.uns["iroot"] == adata.uns["iroot"] and ann.obsm["X_diffmap"].shape[0] == adata.n_obs
+    final = ad.AnnData(obs=adata.obs[["leiden"]].join(ann.obs), obsm={**ann.obsm, "X_umap": adata.obsm["X_umap"]},
+                       uns=dict(ann.uns))
+    sc.pl.paga(final, show=False)
+    sc.pl.paga(final, color="pseudotime", show=False)
+    plt.close("all")
+    np.testing.assert_allclose(final.obs["pseudotime"], adata.obs["pseudotime"])

@@ -52,6 +52,7 @@ class Obsm:
     PCA_HARMONY = "X_pca_harmony"
     UMAP = "X_umap"
     DIFFMAP = "X_diffmap"
+    UMAP_PAGA = "X_umap_paga"     # UMAP initialised from the PAGA layout (pseudotime stage)
 
 
 class Uns:
@@ -67,6 +68,7 @@ class Uns:
     MARKERS = "rank_genes_groups"
     STEMNESS = "stemness"
     PSEUDOTIME = "pseudotime"
+    PSEUDOTIME_ROOT = "pseudotime_root"  # the root cell, how it was chosen, the candidates
     PATHWAYS = "pathways"
     NICHE = "niche"
 

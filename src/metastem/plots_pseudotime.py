@@ -7,16 +7,35 @@ and said to be unreachable, never coloured as if they were late.
 from __future__ import annotations
 
 import os
-from typing import Any
+from pathlib import Path
 
 import anndata as ad
 import matplotlib.pyplot as plt
 import numpy as np
 from scipy.stats import spearmanr
 
-from metastem.plots import CONTINUOUS_CMAP, OKABE_ITO, apply_style, save
+from metastem._keys import Obs, Obsm, Uns
+from metastem.plots import CONTINUOUS_CMAP, OKABE_ITO, apply_style, save as _save_and_close
 
 UNREACHABLE_GREY = "#BBBBBB"
+
+
+def _finish(fig: plt.Figure, save: str | os.PathLike | None, return_fig: bool) -> plt.Figure | None:
+    """scanpy's convention: write only when ``save`` names a file; return the Figure when asked."""
+    if save is not None:
+        if not return_fig:
+            _save_and_close(fig, save)
+            return None
+        Path(save).parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(save, bbox_inches="tight")
+    return fig if return_fig else None
+
+
+def _axes(ax: plt.Axes | None, figsize: tuple[float, float]) -> tuple[plt.Figure, plt.Axes]:
+    if ax is not None:
+        return ax.figure, ax
+    fig, ax = plt.subplots(figsize=figsize)
+    return fig, ax
 
 
 def _subsample(n: int, max_points: int, seed: int) -> np.ndarray:
@@ -44,32 +63,52 @@ def _embedding_panel(ax: plt.Axes, xy: np.ndarray, pt: np.ndarray, root: int, ti
     return sc
 
 
-def plot_pseudotime_embedding(adata: ad.AnnData, path: str | os.PathLike, *, root: int,
-                              bases: tuple[str, ...] = ("X_umap", "X_umap_paga"), max_points: int = 50000,
-                              seed: int = 0) -> None:
-    """One panel per available embedding, coloured by ``obs['pseudotime']``, root cell as a star."""
+def plot_pseudotime_embedding(adata: ad.AnnData, *, basis: tuple[str, ...] = (Obsm.UMAP, Obsm.UMAP_PAGA),
+                              key: str = Obs.PSEUDOTIME, root: int | None = None, max_points: int = 50000,
+                              random_state: int = 0, ax: plt.Axes | None = None, return_fig: bool = False,
+                              save: str | os.PathLike | None = None) -> plt.Figure | None:
+    """One panel per available embedding in ``basis``, coloured by ``obs[key]``, the root cell as a star
+    (``root`` defaults to ``uns['iroot']``); unreachable cells grey. With ``ax``, only the first basis."""
     apply_style()
-    bases = tuple(b for b in bases if b in adata.obsm)
-    titles = {"X_umap": "Pseudotime on UMAP", "X_umap_paga": "Pseudotime on PAGA-initialised UMAP"}
-    fig, axes = plt.subplots(1, len(bases), figsize=(4.8 * len(bases), 4.2), squeeze=False)
-    pt = adata.obs["pseudotime"].to_numpy(dtype=float)
-    idx = np.union1d(_subsample(adata.n_obs, max_points, seed), [root])
-    for ax, basis in zip(axes[0], bases):
-        sc = _embedding_panel(ax, np.asarray(adata.obsm[basis])[:, :2], pt, root, titles.get(basis, basis), idx)
-    fig.colorbar(sc, ax=axes[0].tolist(), shrink=0.7, label="pseudotime (0 = root)")
-    save(fig, path)
+    bases = tuple(b for b in basis if b in adata.obsm)
+    if not bases:
+        raise ValueError(f"none of the embeddings {basis} is in obsm")
+    root = int(adata.uns[Uns.IROOT]) if root is None else int(root)
+    titles = {Obsm.UMAP: "Pseudotime on UMAP", Obsm.UMAP_PAGA: "Pseudotime on PAGA-initialised UMAP"}
+    if ax is not None:
+        fig, axes = ax.figure, [ax]
+        bases = bases[:1]
+    else:
+        fig, grid = plt.subplots(1, len(bases), figsize=(4.8 * len(bases), 4.2), squeeze=False)
+        axes = list(grid[0])
+    pt = adata.obs[key].to_numpy(dtype=float)
+    idx = np.union1d(_subsample(adata.n_obs, max_points, random_state), [root])
+    for panel, b in zip(axes, bases):
+        sc = _embedding_panel(panel, np.asarray(adata.obsm[b])[:, :2], pt, root, titles.get(b, b), idx)
+    fig.colorbar(sc, ax=axes, shrink=0.7, label="pseudotime (0 = root)")
+    return _finish(fig, save, return_fig)
 
 
-def plot_paga_graph(paga: dict[str, Any], path: str | os.PathLike, *, root_cluster: str | None = None) -> None:
-    """PAGA graph from ``run_paga``'s dict: node size ~ cells, colour = median pseudotime, width = connectivity.
+def plot_paga_graph(adata: ad.AnnData, *, root_cluster: str | None = None, stemness_key: str = Obs.STEMNESS,
+                    key: str = Obs.PSEUDOTIME, ax: plt.Axes | None = None, return_fig: bool = False,
+                    save: str | os.PathLike | None = None) -> plt.Figure | None:
+    """PAGA graph from ``uns['paga']``: node size ~ cells, colour = median pseudotime (grey: unreachable),
+    width = connectivity. ``root_cluster`` defaults to the root's cluster (``uns['pseudotime_root']``).
 
-    Edges below the stored threshold are omitted; edges of PAGA's spanning tree are solid, others dashed.
+    Edges below ``PAGA_EDGE_THRESHOLD`` are omitted; edges of PAGA's spanning tree are solid, others
+    dashed. Where no edge joins two clusters (disjoint kNN components) none is drawn, and the title
+    says so: an island is not a branch.
     """
+    from metastem.pseudotime import paga_summary
+
     apply_style()
-    nodes = {n["cluster"]: n for n in paga["nodes"]}
-    fig, ax = plt.subplots(figsize=(5.2, 4.4))
-    for e in paga["edges"]:
-        if e["connectivity"] < paga["edge_threshold"]:
+    summary = paga_summary(adata, stemness_key=stemness_key, pseudotime_key=key)
+    if root_cluster is None and Uns.PSEUDOTIME_ROOT in adata.uns:
+        root_cluster = str(adata.uns[Uns.PSEUDOTIME_ROOT]["cluster"])
+    nodes = {n["cluster"]: n for n in summary["nodes"]}
+    fig, ax = _axes(ax, (5.2, 4.4))
+    for e in summary["edges"]:
+        if e["connectivity"] < summary["edge_threshold"]:
             continue
         a, b = nodes[e["source"]], nodes[e["target"]]
         ax.plot([a["x"], b["x"]], [a["y"], b["y"]], color="black", alpha=0.6, zorder=1,
@@ -87,11 +126,18 @@ def plot_paga_graph(paga: dict[str, Any], path: str | os.PathLike, *, root_clust
                     color="white" if name == root_cluster else "black",
                     bbox={"boxstyle": "circle,pad=0.2", "fc": "black"} if name == root_cluster else None)
     fig.colorbar(pts, ax=ax, shrink=0.7, label="median pseudotime (grey: unreachable)")
-    ax.set_title(f"PAGA between {paga['groupby']} clusters (edges ≥ {paga['edge_threshold']:g};"
-                 " solid = spanning tree)" + (f"\nroot cluster {root_cluster} highlighted" if root_cluster else ""))
+    title = (f"PAGA between {summary['groupby']} clusters (edges ≥ {summary['edge_threshold']:g};"
+             " solid = spanning tree)")
+    if summary["n_components"] > 1:
+        title += (f"\n{summary['n_components']} kNN components, no edge between them"
+                  if summary["edges"] else "\nno kNN edge between any two clusters: no PAGA edges")
+    if root_cluster:
+        title += f"\nroot cluster {root_cluster} highlighted"
+    ax.set_title(title, fontsize=9)
+    ax.margins(0.18)  # node discs are drawn in points: keep the outermost ones inside the axes
     ax.set_xticks([])
     ax.set_yticks([])
-    save(fig, path)
+    return _finish(fig, save, return_fig)
 
 
 def binned_trend(x: np.ndarray, y: np.ndarray, n_bins: int = 20) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -105,18 +151,20 @@ def binned_trend(x: np.ndarray, y: np.ndarray, n_bins: int = 20) -> tuple[np.nda
     return centre, q[:, 1], q[:, [0, 2]]
 
 
-def plot_stemness_along_pseudotime(adata: ad.AnnData, path: str | os.PathLike, *, stemness_key: str = "stemness",
-                                   max_points: int = 50000, seed: int = 0) -> None:
+def plot_stemness_along_pseudotime(adata: ad.AnnData, *, stemness_key: str = Obs.STEMNESS,
+                                   key: str = Obs.PSEUDOTIME, max_points: int = 50000, random_state: int = 0,
+                                   ax: plt.Axes | None = None, return_fig: bool = False,
+                                   save: str | os.PathLike | None = None) -> plt.Figure | None:
     """Stemness against pseudotime (reachable cells): scatter plus binned median and IQR.
 
     A falling trend means time runs from stem-like to differentiated, as the root rule intends.
     """
     apply_style()
-    pt = adata.obs["pseudotime"].to_numpy(dtype=float)
+    pt = adata.obs[key].to_numpy(dtype=float)
     s = adata.obs[stemness_key].to_numpy(dtype=float)
     ok = np.isfinite(pt) & np.isfinite(s)
-    idx = np.flatnonzero(ok)[_subsample(int(ok.sum()), max_points, seed)]
-    fig, ax = plt.subplots(figsize=(5.0, 3.6))
+    idx = np.flatnonzero(ok)[_subsample(int(ok.sum()), max_points, random_state)]
+    fig, ax = _axes(ax, (5.0, 3.6))
     ax.scatter(pt[idx], s[idx], s=max(0.5, min(8.0, 20000 / max(len(idx), 1))), c=OKABE_ITO[1], alpha=0.5,
                linewidths=0, rasterized=True, label="cells")
     centre, med, iqr = binned_trend(pt, s)
@@ -128,4 +176,4 @@ def plot_stemness_along_pseudotime(adata: ad.AnnData, path: str | os.PathLike, *
     ax.set_xlabel("pseudotime (0 = root)")
     ax.set_ylabel(stemness_key)
     ax.legend(fontsize=7, loc="best")
-    save(fig, path)
+    return _finish(fig, save, return_fig)

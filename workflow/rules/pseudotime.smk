@@ -3,12 +3,13 @@
 
 rule pseudotime:
     input:
-        h5ad=f"{OUTDIR}/{{dataset}}/cluster/clustered.h5ad",
-        stemness=f"{OUTDIR}/{{dataset}}/stemness/cells.tsv.gz",
+        h5ad=rules.cluster.output.h5ad,
+        stemness=rules.stemness.output.cells,
     output:
         cells=f"{OUTDIR}/{{dataset}}/pseudotime/cells.tsv.gz",
         paga=f"{OUTDIR}/{{dataset}}/pseudotime/paga.json",
         info=f"{OUTDIR}/{{dataset}}/pseudotime/info.json",
+        annotations=f"{OUTDIR}/{{dataset}}/pseudotime/annotations.h5ad",
         diagnostics=report(
             f"{OUTDIR}/{{dataset}}/tables/pseudotime_diagnostics.tsv",
             caption="../report/pseudotime_diagnostics.rst",

@@ -23,39 +23,48 @@ def add_stemness(adata, path: str) -> None:
 
 
 def main(smk) -> None:
-    import anndata as ad
-
     from metastem import io
     from metastem import plots_pseudotime as plots
     from metastem import pseudotime as pt
     from metastem.smk import write_json_atomic
 
     row, p = smk.params.row, smk.params.params
-    params = p["pseudotime"]
+    params = dict(p["pseudotime"])
+    umap_max_cells = params.pop("paga_umap_max_cells")
     adata = io.read_h5ad_without_X(smk.input.h5ad)  # DPT and PAGA use the graph, never X
     add_stemness(adata, smk.input.stemness)
-    labels_key = row["labels"] or None
-    info = pt.run_pseudotime(adata, params, stemness_key=STEMNESS_KEY, labels_key=labels_key, seed=p["seed"])
+    pt.pseudotime(adata, **params, stemness_key=STEMNESS_KEY, labels_key=row["labels"] or None,
+                  random_state=p["seed"])
+    info = pt.pseudotime_info(adata)
     truth = "true_pseudotime" if "true_pseudotime" in adata.obs.columns else None
-    diagnostics = pt.pseudotime_diagnostics(adata, info, stemness_key=STEMNESS_KEY, truth_key=truth)
-    umap = adata.n_obs <= params["paga_umap_max_cells"]
-    paga = pt.run_paga(adata, stemness_key=STEMNESS_KEY, umap=umap, min_dist=p["cluster"]["umap_min_dist"],
-                       seed=p["seed"])
-    if not umap:
+    diagnostics = pt.pseudotime_diagnostics(adata, stemness_key=STEMNESS_KEY, truth_key=truth)
+    pt.paga(adata, paga_umap_max_cells=umap_max_cells, min_dist=p["cluster"]["umap_min_dist"],
+            random_state=p["seed"])
+    paga = pt.paga_summary(adata, stemness_key=STEMNESS_KEY)
+    if adata.n_obs > umap_max_cells:
         info["notes"].append(f"PAGA-initialised UMAP skipped above pseudotime.paga_umap_max_cells="
-                             f"{params['paga_umap_max_cells']} cells ({adata.n_obs} here): the clustering's UMAP "
+                             f"{umap_max_cells} cells ({adata.n_obs} here): the clustering's UMAP "
                              "and the PAGA graph are shown instead")
+    if paga["note"]:
+        info["notes"].append(f"PAGA: {paga['note']}")
 
-    plots.plot_pseudotime_embedding(adata, smk.output.umap, root=info["root"]["index"], seed=p["seed"])
-    plots.plot_paga_graph(paga, smk.output.paga_figure, root_cluster=info["root"]["cluster"])
-    plots.plot_stemness_along_pseudotime(adata, smk.output.trend, stemness_key=STEMNESS_KEY, seed=p["seed"])
+    plots.plot_pseudotime_embedding(adata, random_state=p["seed"], save=smk.output.umap)
+    plots.plot_paga_graph(adata, stemness_key=STEMNESS_KEY, save=smk.output.paga_figure)
+    plots.plot_stemness_along_pseudotime(adata, stemness_key=STEMNESS_KEY, random_state=p["seed"],
+                                         save=smk.output.trend)
     io.write_table_atomic(diagnostics, smk.output.diagnostics, index=False)
     io.write_table_atomic(adata.obs[OBS_WRITTEN], smk.output.cells, index_label="cell")
-    info["params"] = params
+    io.write_h5ad_atomic(pt.annotations(adata), smk.output.annotations)
+    info["params"] = p["pseudotime"]
+    left_out = ""
+    if info["n_components_left_out"]:
+        left_out = (f" {info['n_unreachable']} cells in {info['n_components_left_out']} kNN component(s) not "
+                    "connected to the root were left out (pseudotime NaN; listed with their clusters in the "
+                    "diagnostics).")
     info["methods"] = (f"Diffusion pseudotime (scanpy diffmap + dpt, {info['n_dcs']} diffusion components) on the "
                        "clustering's kNN graph; " + info["root"]["why"] + " Pseudotime was rescaled to 0-1 over cells "
-                       "reachable from the root; unreachable cells are NaN. PAGA (scanpy, model v1.2) between Leiden "
-                       "clusters summarises the topology.")
+                       "reachable from the root; unreachable cells are NaN." + left_out + " PAGA (scanpy, model "
+                       "v1.2) between Leiden clusters summarises the topology.")
     write_json_atomic(paga, smk.output.paga)
     write_json_atomic(info, smk.output.info)
 
