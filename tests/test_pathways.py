@@ -516,3 +516,17 @@ def test_stemness_genes_are_read_from_the_stemness_stage_outputs(tmp_path):
                   "genes_found": ["CD44,PROM1", "KRT18", np.nan]}).to_csv(table, sep="\t", index=False)
     assert pw.stemness_genes(info, table) == ["NES", "CD44", "SOX2", "PROM1", "KRT18"]
     assert pw.stemness_genes(tmp_path / "absent.json", None) == []
+
+
+def test_no_csc_like_cells_is_an_honest_no_contrast_not_no_signal():
+    """Stemness not computed (stemness.required false): no cell is CSC-like. Scores are still written,
+    nothing is called, and no set is mislabelled no_signal."""
+    a, rng = _depth_only(500, 1000)
+    a.obs["csc_like"] = False
+    sets = {"SOME": [f"G{i}" for i in range(100, 110)]}
+    st = pw.score_pathways(a, gene_sets=sets, aliases=None, exclude_genes=[], n_null=100, n_boot=50)
+    row = st.details.set_index("set").loc["SOME"]
+    assert row["flag"] == "ok" and not row["called"] and row["call"].startswith("not tested")
+    assert st.n_samples == 0 and "pathway_SOME" in a.obs and any("left out of the contrast" in n for n in st.notes)
+    from metastem.report import top_pathway
+    assert top_pathway(st.details) is None

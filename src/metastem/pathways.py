@@ -700,7 +700,7 @@ def score_pathways(adata: ad.AnnData, *,
     st = pd.DataFrame(rows, columns=stats_cols)
 
     out = cov.merge(st, on="set", how="left")
-    no_signal = (out["flag"] == FLAG_OK) & ~(out["frac_cells_nonzero"] >= min_signal_frac)
+    no_signal = (out["flag"] == FLAG_OK) & ~(out["frac_cells_nonzero"] >= min_signal_frac) & (k > 0)
     out.loc[no_signal, "flag"] = FLAG_NO_SIGNAL
     cov.loc[cov["set"].isin(out.loc[no_signal, "set"]), "flag"] = FLAG_NO_SIGNAL
     family = (out["role"] == ROLE_PATHWAY) & (out["flag"] == FLAG_OK)
@@ -714,7 +714,7 @@ def score_pathways(adata: ad.AnnData, *,
     out["call"] = np.select(
         [out["role"] == ROLE_CONTROL, out["flag"] != FLAG_OK, called & up, called & ~up],
         ["positive control (defines CSC-like)", out["flag"].astype(str), "up in CSC-like", "down in CSC-like"],
-        "not called")
+        "not called" if k else "not tested: no sample has CSC-like and other malignant cells")
     if k < MIN_REPLICATION_SAMPLES:
         out["replicated"] = descriptive_label(k)
     else:
