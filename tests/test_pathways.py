@@ -124,6 +124,14 @@ def test_stemness_genes_are_left_out_and_csc_markers_is_only_a_positive_control(
     assert ctrl["effect"] > 1.0                        # it does separate the cells it helped define
     assert np.isnan(ctrl["q_null"])                    # and is no member of the tested family
     assert list(res.summary.columns) == pw.SUMMARY_COLUMNS
+    # Visible without sideways scrolling at 1400 px: the report's main column is 1320 - 210 (nav) - 48
+    # (padding) = 1062 px; headers and numbers do not wrap, text cells wrap at spaces. At 13 px a
+    # character is at most ~7.5 px, plus 20 px of cell padding.
+    from metastem.report import _format_cell
+
+    widest = [max([len(c)] + [max(map(len, _format_cell(v).split()), default=0) if isinstance(v, str) else
+                              len(_format_cell(v)) for v in res.summary[c]]) for c in res.summary.columns]
+    assert sum(7.5 * w + 20 for w in widest) < 1062, dict(zip(res.summary.columns, widest))
     # The positive control sorts after every pathway set, so no headline can pick it.
     roles = res.details["role"].tolist()
     assert roles.index("positive_control") > max(i for i, r in enumerate(roles) if r == "pathway")
