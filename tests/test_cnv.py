@@ -51,7 +51,7 @@ def test_simulated_tumour_calls_without_truth(tumour):
     obs = adata.obs
     truth = obs["true_malignant"].to_numpy()
     auroc = roc_auc_score(truth, obs["cnv_score"])
-    assert auroc >= 0.95, auroc  # measured 0.999
+    assert auroc >= 0.95, auroc  # measured 1.000 (per patient 1.000 each)
     info = adata.uns["malignant"]
     assert info["evidence"] == "cnv" and (obs["malignant_evidence"] == "cnv").all()
     # the marker rules found the normal compartments (T and myeloid cells may share one PTPRC-high 'immune'
@@ -61,9 +61,9 @@ def test_simulated_tumour_calls_without_truth(tumour):
     in_ref = (obs["cnv_reference"].astype(str) != "").to_numpy()
     assert not in_ref[truth].any() and in_ref[~truth].mean() >= 0.95, in_ref[~truth].mean()  # measured 1.0
     calls = obs["malignant"].to_numpy()
-    assert (calls == truth).mean() >= 0.97, pd.crosstab(calls, truth)  # measured 0.99
+    assert (calls == truth).mean() >= 0.97, pd.crosstab(calls, truth)  # measured 0.988 (18 malignant missed)
     assert not calls[~truth].any()  # no normal cell called malignant (measured 0)
-    assert info["ashman_d"] > 2
+    assert info["ashman_d"] > 2  # measured 4.98
     for s, grp in obs.groupby("sample", observed=True):  # every patient's tumour is found
         assert roc_auc_score(grp["true_malignant"], grp["cnv_score"]) >= 0.95, s
     table = cnv.malignant_summary(adata)
