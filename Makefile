@@ -47,7 +47,7 @@ lint: $(STAMP)
 	$(BIN)/snakefmt --check Snakefile workflow/rules
 
 docs: $(STAMP)
-	$(BIN)/python -m metastem.schema_docs workflow/schemas > config/README.md
+	$(BIN)/python -m metastem.smk.schema_docs workflow/schemas > config/README.md
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run.py $(BENCH_ARGS)

@@ -76,7 +76,7 @@ def bench(n_cells: int, n_genes: int, params: dict) -> list[dict]:
 
 
 def main() -> None:
-    from metastem.config import load_schema, validate_with_defaults
+    from metastem.smk.config import load_schema, validate_with_defaults
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="2,000 cells only: a smoke test under a minute")

@@ -44,7 +44,7 @@ def prepared(n_cells: int, n_genes: int, seed: int = 0):
 
 
 def stemness_params() -> dict:
-    from metastem.config import load_schema, validate_with_defaults
+    from metastem.smk.config import load_schema, validate_with_defaults
 
     from metastem.stemness import score_stemness
 
@@ -138,7 +138,7 @@ def validation_table() -> "pd.DataFrame":
     sys.path.insert(0, str(REPO / "tests"))
     from metastem import stemness as st
     from metastem.cluster import embed_and_cluster, normalize
-    from metastem.config import load_schema, validate_with_defaults
+    from metastem.smk.config import load_schema, validate_with_defaults
 
     cfg = validate_with_defaults({}, load_schema(REPO / "workflow/schemas/config.schema.yaml"), where="defaults")
     params = stemness_params()

@@ -46,7 +46,7 @@ def demo_raw():
 def demo_clustered(demo_raw):
     """The small demo through QC and clustering, as the later stages receive it. Copy before changing."""
     from metastem import cluster, qc
-    from metastem.config import load_schema, validate_with_defaults
+    from metastem.smk.config import load_schema, validate_with_defaults
 
     cfg = validate_with_defaults({}, load_schema(REPO / "workflow/schemas/config.schema.yaml"), where="defaults")
     adata, _, _ = qc.run_qc(demo_raw.copy(), cfg["qc"], values="counts", species="human", seed=0)
@@ -59,6 +59,6 @@ def demo_clustered(demo_raw):
 @pytest.fixture(scope="session")
 def defaults() -> dict:
     """The config with every schema default filled in."""
-    from metastem.config import load_schema, validate_with_defaults
+    from metastem.smk.config import load_schema, validate_with_defaults
 
     return validate_with_defaults({}, load_schema(REPO / "workflow/schemas/config.schema.yaml"), where="defaults")

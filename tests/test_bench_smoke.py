@@ -148,7 +148,7 @@ def test_tree_generator_stores_the_asked_values_per_cell_with_real_symbols(tree)
     per_cell = np.diff(X.indptr)
     assert abs(np.median(per_cell) - 600) < 0.1 * 600
     assert tree.var_names.is_unique
-    assert set(tree.var_names) <= set(human_gene_symbols())  # 2,000 < 18,091: only shipped HGNC symbols
+    assert set(tree.var_names) <= set(human_gene_symbols())  # 2,000 < 18,089: only shipped HGNC symbols
 
 
 def test_tree_generator_builds_a_connected_branching_tree(tree):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import yaml
 
-from metastem.config import (InputProblems, check_inputs, dataset_params, load_schema, parse_overrides, read_sheet,
+from metastem.smk.config import (InputProblems, check_inputs, dataset_params, load_schema, parse_overrides, read_sheet,
                              safe_outdir, validate_config, validate_with_defaults, validate_workflow)
 from metastem.errors import MetastemError
 
@@ -202,10 +202,10 @@ def test_unreadable_input(tmp_path, schemas, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "x.csv").write_text("gene,c1\nA,1\n")
     os.chmod(tmp_path / "x.csv", 0)
-    import metastem.config
+    import metastem.smk.config
 
     real = os.access  # root reads files whatever their mode: pretend to be an ordinary user
-    monkeypatch.setattr(metastem.config.os, "access", lambda p, mode: False if str(p).endswith("x.csv") else real(p, mode))
+    monkeypatch.setattr(metastem.smk.config.os, "access", lambda p, mode: False if str(p).endswith("x.csv") else real(p, mode))
     (line,) = check_inputs(_sheet_for(tmp_path, schemas, [("a", "x.csv", "csv")]))
     assert "not readable" in line
 

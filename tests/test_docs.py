@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 import metastem
-from metastem.schema_docs import render
+from metastem.smk.schema_docs import render
 
 REPO = Path(__file__).resolve().parents[1]
 

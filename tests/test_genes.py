@@ -224,7 +224,7 @@ def test_unknown_ids_without_symbols_are_refused():
 
 
 def test_report_states_how_genes_were_mapped():
-    from metastem.report import input_facts
+    from metastem.smk.report import input_facts
 
     pc = _protein_coding("human", 30)
     a = io.prepare(_adata([f"{g}.2" for g in pc["gene_id"]], pd.DataFrame({"gene_symbols": list(pc["symbol"])})))

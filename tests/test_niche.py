@@ -181,7 +181,7 @@ def test_schema_defaults_equal_the_signature_and_the_rule_script_runs(repo, tmp_
     import runpy
     from types import SimpleNamespace
 
-    from metastem.config import load_schema, validate_with_defaults
+    from metastem.smk.config import load_schema, validate_with_defaults
 
     cfg = validate_with_defaults({}, load_schema(repo / "workflow/schemas/config.schema.yaml"), where="defaults")
     sig = inspect.signature(niche.niche_interactions).parameters

@@ -127,7 +127,7 @@ def test_stemness_genes_are_left_out_and_csc_markers_is_only_a_positive_control(
     # Visible without sideways scrolling at 1400 px: the report's main column is 1320 - 210 (nav) - 48
     # (padding) = 1062 px; headers and numbers do not wrap, text cells wrap at spaces. At 13 px a
     # character is at most ~7.5 px, plus 20 px of cell padding.
-    from metastem.report import _format_cell
+    from metastem.smk.report import _format_cell
 
     widest = [max([len(c)] + [max(map(len, _format_cell(v).split()), default=0) if isinstance(v, str) else
                               len(_format_cell(v)) for v in res.summary[c]]) for c in res.summary.columns]
@@ -536,5 +536,5 @@ def test_no_csc_like_cells_is_an_honest_no_contrast_not_no_signal():
     row = st.details.set_index("set").loc["SOME"]
     assert row["flag"] == "ok" and not row["called"] and row["call"].startswith("not tested")
     assert st.n_samples == 0 and "pathway_SOME" in a.obs and any("left out of the contrast" in n for n in st.notes)
-    from metastem.report import top_pathway
+    from metastem.smk.report import top_pathway
     assert top_pathway(st.details) is None

@@ -156,7 +156,7 @@ def test_doublet_scores_are_deterministic(defaults):
 
 def test_pancreas_raw_counts_through_qc(shared_datasets, defaults, repo):
     """50 real mouse cells: needs qc.min_cells lowered (a per-dataset override in the sheet)."""
-    from metastem.config import dataset_params, load_schema
+    from metastem.smk.config import dataset_params, load_schema
     from metastem.io import read_dataset
 
     row = {"dataset": "pancreas", "path": str(shared_datasets / "pancreas_50obs_raw.h5ad"), "format": "h5ad",

@@ -234,7 +234,7 @@ def qc_only(tmp_path_factory, defaults) -> dict[str, list[str]]:
 
 
 def test_missing_stages_get_a_sentence_not_an_empty_figure(qc_only, defaults, tmp_path):
-    from metastem import report
+    from metastem.smk import report
 
     out = tmp_path / "report.html"
     report.write_report(out, "demo", qc_only, row={"format": "simulated", "species": "human", "labels": ""},
@@ -251,7 +251,7 @@ def test_missing_stages_get_a_sentence_not_an_empty_figure(qc_only, defaults, tm
 
 
 def test_captions_come_from_the_snakemake_report_captions(qc_only, defaults, tmp_path):
-    from metastem import report
+    from metastem.smk import report
 
     out = tmp_path / "report.html"
     report.write_report(out, "demo", qc_only, row={"format": "simulated"}, params=defaults,
@@ -262,7 +262,7 @@ def test_captions_come_from_the_snakemake_report_captions(qc_only, defaults, tmp
 
 
 def test_index_summarises_datasets_from_their_files(qc_only, tmp_path):
-    from metastem import report
+    from metastem.smk import report
 
     results = Path(qc_only["qc"][0]).parents[2]
     (results / "demo/report.html").write_text("<html></html>")
@@ -273,7 +273,7 @@ def test_index_summarises_datasets_from_their_files(qc_only, tmp_path):
 
 
 def test_top_pathway_prefers_significant_sets():
-    from metastem.report import top_pathway
+    from metastem.smk.report import top_pathway
 
     summary = pd.DataFrame({"set": ["A", "B", "C"], "delta_csc": [0.9, 0.5, -0.2],
                             "significant": [False, True, True]})
@@ -282,6 +282,6 @@ def test_top_pathway_prefers_significant_sets():
 
 
 def test_rst_captions_become_safe_html():
-    from metastem.report import rst_to_html
+    from metastem.smk.report import rst_to_html
 
     assert str(rst_to_html("``a<b`` and *c*")) == "<code>a&lt;b</code> and <em>c</em>"

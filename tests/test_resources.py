@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from metastem.resources import dataset_size, estimate_resources
+from metastem.smk.resources import dataset_size, estimate_resources
 
 STAGES = ["qc", "cluster", "stemness", "pseudotime", "pathways", "report"]
 

@@ -9,7 +9,7 @@ import scipy.sparse as sp
 
 from metastem import io, plots, qc
 from metastem.errors import MetastemError
-from metastem.resources import dataset_size
+from metastem.smk.resources import dataset_size
 
 
 def _row(samples, **kw):
@@ -161,7 +161,7 @@ def _dataset_dir(root, name, per_sample, csc_rows):
 def test_cohort_index_has_a_sortable_row_per_sample(tmp_path):
     from html.parser import HTMLParser
 
-    from metastem import report
+    from metastem.smk import report
 
     def csc_row(s, n, mal, k, distinct):
         return {"sample": s, "n_cells": n, "n_malignant": mal, "n_csc_like": k, "frac_csc_like": k / mal,

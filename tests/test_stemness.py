@@ -20,7 +20,7 @@ from sklearn.metrics import roc_auc_score
 
 from conftest import require
 from metastem import cluster, plots_stemness, stemness
-from metastem.config import load_schema
+from metastem.smk.config import load_schema
 from metastem.errors import MetastemError
 from metastem.genesets import read_gmt
 
@@ -467,7 +467,7 @@ def test_report_says_direction_uncertain_prominently(demo_clustered, stem_params
     'Direction uncertain' box naming the reason and the label root; an agreeing run gets none."""
     from html.parser import HTMLParser
 
-    from metastem import report
+    from metastem.smk import report
     from metastem.smk import write_json_atomic
 
     class Text(HTMLParser):

@@ -420,6 +420,24 @@ def resolve_log_base(adata: ad.AnnData, log_base: str | None = None) -> tuple[fl
 _READERS = ("10x_mtx", "10x_h5", "h5ad", "loom", "csv", "tsv")
 
 
+def infer_format(path: str) -> str:
+    """Input format from a path: the suffix for files, 10x_mtx for directories."""
+    p = path.lower()
+    if p.endswith(".h5ad"):
+        return "h5ad"
+    if p.endswith(".h5"):
+        return "10x_h5"
+    if p.endswith(".loom"):
+        return "loom"
+    if p.endswith((".csv", ".csv.gz")):
+        return "csv"
+    if p.endswith((".tsv", ".tsv.gz", ".txt", ".txt.gz", ".matrix.gz", ".matrix")):
+        return "tsv"
+    if os.path.isdir(path):
+        return "10x_mtx"
+    return ""
+
+
 def read(path: str | os.PathLike, format: str | None = None, values: str = "counts", species: str = "human", *,
          orientation: str = "", log_base: str | None = None, labels: str | None = None,
          symbol_column: str | None = None) -> ad.AnnData:
@@ -454,7 +472,6 @@ def read(path: str | os.PathLike, format: str | None = None, values: str = "coun
     known, so that every step that un-logs (:func:`unlog`) uses the right inverse. Every problem is a
     ``MetastemError`` naming the file and what to fix.
     """
-    from metastem.config import infer_format
 
     path = str(path)
     fmt = format or infer_format(path)

@@ -46,6 +46,22 @@ def save(fig: plt.Figure, path: str | os.PathLike) -> None:
     os.replace(tmp, path)
 
 
+def finish(fig: plt.Figure, save: str | os.PathLike | None = None, return_fig: bool = False) -> plt.Figure | None:
+    """End a figure the way every ``ms.pl`` function does: saved only when ``save`` names a file (atomically),
+    returned when ``return_fig``, otherwise closed once saved (a notebook shows it before that)."""
+    if save is not None:
+        path = Path(save)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+        fig.savefig(tmp, bbox_inches="tight")
+        os.replace(tmp, path)
+    if return_fig:
+        return fig
+    if save is not None:
+        plt.close(fig)
+    return None
+
+
 def scatter_embedding(ax: plt.Axes, xy: np.ndarray, values: pd.Series, title: str, *, max_points: int = 50000,
                       seed: int = 0) -> None:
     """Embedding scatter coloured by a categorical or continuous obs column (subsampled for big data)."""
@@ -76,8 +92,12 @@ def scatter_embedding(ax: plt.Axes, xy: np.ndarray, values: pd.Series, title: st
     ax.set_ylabel("UMAP 2")
 
 
-def plot_qc_metrics(cells: pd.DataFrame, thresholds: dict, path: str | os.PathLike) -> None:
-    """Histograms of each QC metric with the thresholds actually applied drawn in."""
+def plot_qc_metrics(cells: pd.DataFrame, thresholds: dict, save: str | os.PathLike | None = None, *,
+                    return_fig: bool = False) -> plt.Figure | None:
+    """Histograms of each QC metric with the thresholds actually applied drawn in.
+
+    ``cells`` is the per-cell table :func:`metastem.pp.qc` returns; ``thresholds`` its summary's thresholds.
+    """
     apply_style()
     metrics = [("total_counts", "Total counts per cell", True), ("n_genes_by_counts", "Genes detected per cell", True),
                ("pct_counts_mt", "% mitochondrial counts", False), ("doublet_score", "Scrublet doublet score", False)]
@@ -97,10 +117,11 @@ def plot_qc_metrics(cells: pd.DataFrame, thresholds: dict, path: str | os.PathLi
         ax.set_ylabel("cells")
     np.atleast_1d(axes)[0].legend()
     fig.suptitle("QC metrics (dashed: thresholds applied)")
-    save(fig, path)
+    return finish(fig, save, return_fig)
 
 
-def plot_clusters(xy: np.ndarray, leiden: pd.Series, path: str | os.PathLike, labels: pd.Series | None = None) -> None:
+def plot_clusters(xy: np.ndarray, leiden: pd.Series, save: str | os.PathLike | None = None,
+                  labels: pd.Series | None = None, *, return_fig: bool = False) -> plt.Figure | None:
     """UMAP coloured by Leiden cluster, and by known labels when the sheet names a labels column."""
     apply_style()
     n = 2 if labels is not None else 1
@@ -109,10 +130,11 @@ def plot_clusters(xy: np.ndarray, leiden: pd.Series, path: str | os.PathLike, la
     scatter_embedding(axes[0], xy, leiden, "Leiden clusters")
     if labels is not None:
         scatter_embedding(axes[1], xy, labels.astype("category"), f"Known labels ({labels.name})")
-    save(fig, path)
+    return finish(fig, save, return_fig)
 
 
-def plot_qc_metrics_by_sample(cells: pd.DataFrame, per_sample: dict, path: str | os.PathLike) -> None:
+def plot_qc_metrics_by_sample(cells: pd.DataFrame, per_sample: dict, save: str | os.PathLike | None = None, *,
+                              return_fig: bool = False) -> plt.Figure | None:
     """QC histograms with one row of panels per sample, each with that sample's own thresholds (MAD
     thresholds are computed per sample, so one set of lines over pooled cells would mislead)."""
     apply_style()
@@ -147,4 +169,4 @@ def plot_qc_metrics_by_sample(cells: pd.DataFrame, per_sample: dict, path: str |
                 ax.set_ylabel(f"{name}\ncells")
     axes[0, 0].legend()
     fig.suptitle("QC metrics per sample (dashed: that sample's thresholds)")
-    save(fig, path)
+    return finish(fig, save, return_fig)

@@ -11,7 +11,7 @@ import os
 import numpy as np
 import pandas as pd
 
-from metastem.plots import OKABE_ITO, apply_style, plt, save
+from metastem.plots import OKABE_ITO, apply_style, finish, plt
 from metastem.plots import save as _save
 
 LINESTYLES = ["-", "--", ":", "-."]
@@ -25,11 +25,15 @@ def zscore_columns(df: pd.DataFrame) -> pd.DataFrame:
     return ((df - df.mean(axis=0)) / sd).fillna(0.0)
 
 
-def plot_cluster_heatmap(cluster_means: pd.DataFrame, path: str | os.PathLike, *, title: str | None = None) -> None:
+def plot_cluster_heatmap(cluster_means: pd.DataFrame, save: str | os.PathLike | None = None, *,
+                         title: str | None = None, ax: plt.Axes | None = None, return_fig: bool = False):
     """Clusters × pathways, each pathway z-scored across clusters (which cluster is high, per pathway)."""
     apply_style()
     z = zscore_columns(cluster_means).T
-    fig, ax = plt.subplots(figsize=(1.2 + 0.38 * z.shape[1], 1.0 + 0.3 * z.shape[0]))
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(1.2 + 0.38 * z.shape[1], 1.0 + 0.3 * z.shape[0]))
+    else:
+        fig = ax.figure
     lim = max(1.0, float(np.nanmax(np.abs(z.to_numpy()))) if z.size else 1.0)
     im = ax.imshow(z.to_numpy(), cmap="RdBu_r", vmin=-lim, vmax=lim, aspect="auto")
     ax.set_xticks(range(z.shape[1]), z.columns.astype(str))
@@ -37,7 +41,7 @@ def plot_cluster_heatmap(cluster_means: pd.DataFrame, path: str | os.PathLike, *
     ax.set_xlabel("cluster")
     ax.set_title(title or "Pathway scores per cluster (z-score across clusters)")
     fig.colorbar(im, ax=ax, shrink=0.6, label="z-score of mean score")
-    save(fig, path)
+    return finish(fig, save, return_fig)
 
 
 def binned_trend(x: np.ndarray, y: np.ndarray, n_bins: int = 25) -> tuple[np.ndarray, np.ndarray]:
@@ -57,13 +61,17 @@ def binned_trend(x: np.ndarray, y: np.ndarray, n_bins: int = 25) -> tuple[np.nda
     return bx, smooth
 
 
-def plot_pseudotime_trends(scores: pd.DataFrame, pseudotime: np.ndarray, path: str | os.PathLike, *,
-                           sets: list[str] | None = None, n_bins: int = 25) -> None:
+def plot_pseudotime_trends(scores: pd.DataFrame, pseudotime: np.ndarray, save: str | os.PathLike | None = None, *,
+                           sets: list[str] | None = None, n_bins: int = 25, ax: plt.Axes | None = None,
+                           return_fig: bool = False):
     """Smoothed pathway scores (z-scored per set) along pseudotime; unreachable cells (NaN) left out."""
     apply_style()
     sets = list(sets if sets is not None else scores.columns)
     z = zscore_columns(scores[sets])
-    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    else:
+        fig = ax.figure
     for i, s in enumerate(sets):
         bx, by = binned_trend(np.asarray(pseudotime, dtype=float), z[s].to_numpy(float), n_bins)
         ax.plot(bx, by, color=LINE_COLORS[i % len(LINE_COLORS)],
@@ -74,7 +82,7 @@ def plot_pseudotime_trends(scores: pd.DataFrame, pseudotime: np.ndarray, path: s
     n_nan = int((~np.isfinite(np.asarray(pseudotime, dtype=float))).sum())
     ax.set_title("Pathway scores along pseudotime" + (f" ({n_nan} unreachable cells left out)" if n_nan else ""))
     ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=7)
-    save(fig, path)
+    return finish(fig, save, return_fig)
 
 
 def running_sum(ranking: pd.Series, genes: list[str], weight: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
@@ -93,8 +101,9 @@ def running_sum(ranking: pd.Series, genes: list[str], weight: float = 1.0) -> tu
     return np.cumsum(up - down), np.flatnonzero(hits)
 
 
-def plot_gsea_top(ranking: pd.Series, sets: dict[str, list[str]], gsea: pd.DataFrame, path: str | os.PathLike, *,
-                  n: int = 4, group_label: str = "CSC-like vs other cells") -> None:
+def plot_gsea_top(ranking: pd.Series, sets: dict[str, list[str]], gsea: pd.DataFrame,
+                  save: str | os.PathLike | None = None, *, n: int = 4, group_label: str = "CSC-like vs other cells",
+                  return_fig: bool = False):
     """Running-sum plots for the ``n`` sets with the largest |NES|, with hit ticks and the ranking metric."""
     apply_style()
     top = gsea.dropna(subset=["gsea_nes"])
@@ -118,7 +127,7 @@ def plot_gsea_top(ranking: pd.Series, sets: dict[str, list[str]], gsea: pd.DataF
     if top.empty:
         axes[0, 0].text(0.5, 0.5, "no set tested", ha="center", va="center", transform=axes[0, 0].transAxes)
     fig.suptitle(f"GSEA prerank, {group_label}", fontsize=10, y=1.06)
-    save(fig, path)
+    return finish(fig, save, return_fig)
 
 
 def plot_pathway_effects(details: pd.DataFrame, per_sample: pd.DataFrame, *, ax=None, return_fig: bool = False,

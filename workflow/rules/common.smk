@@ -33,10 +33,10 @@ if metastem is None or metastem.__version__ != _workflow_version():
         "(from a checkout of the same tag: pip install .), or run with --sdm conda."
     )
 
-from metastem.config import check_workflow, load_schema
+from metastem.smk.config import check_workflow, load_schema
 from metastem.errors import MetastemError
 from metastem.genesets import resolve_path
-from metastem.resources import dataset_size, estimate_resources
+from metastem.smk.resources import dataset_size, estimate_resources
 
 CONFIG_SCHEMA = load_schema(workflow.source_path("../schemas/config.schema.yaml"))
 SHEET_SCHEMA = load_schema(workflow.source_path("../schemas/datasets.schema.yaml"))

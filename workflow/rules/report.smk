@@ -1,5 +1,5 @@
 # Reports: one self-contained report.html per dataset, and results/index.html linking them all.
-from metastem import report as metastem_report
+from metastem.smk import report as metastem_report
 
 # every caption of workflow/report/, read through workflow.source_path (works for a module pulled by tag)
 CAPTIONS = caption_texts(

@@ -6,7 +6,7 @@ def main(smk) -> None:
     import sys
     from pathlib import Path
 
-    from metastem import report
+    from metastem.smk import report
 
     report.write_index(smk.output.html, list(smk.input.reports))
     # the page to open, wherever outdir points (make run prints nothing of its own)

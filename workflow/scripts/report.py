@@ -7,7 +7,7 @@ from metastem.smk import run
 def main(smk) -> None:
     import logging
 
-    from metastem import report
+    from metastem.smk import report
 
     stage_files = {stage: list(getattr(smk.input, stage)) for stage in report.STAGES if stage in smk.input.keys()}
     size = report.write_report(smk.output.html, smk.wildcards.dataset, stage_files, row=smk.params.row,

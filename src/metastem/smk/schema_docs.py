@@ -3,7 +3,7 @@
 The schemas are the one place these facts live; the README is generated from them (``make docs``) and
 a test fails when it is out of date, so the two cannot drift apart.
 
-    python -m metastem.schema_docs workflow/schemas > config/README.md
+    python -m metastem.smk.schema_docs workflow/schemas > config/README.md
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ HEADER = """\
 # Configuring metastem
 
 Generated from `workflow/schemas/config.schema.yaml` and `workflow/schemas/datasets.schema.yaml` by
-`make docs` (`python -m metastem.schema_docs workflow/schemas`); edit the schemas, not this file.
+`make docs` (`python -m metastem.smk.schema_docs workflow/schemas`); edit the schemas, not this file.
 
 `config/config.yaml` needs only what differs from the defaults below. Every key below `simulate`, `qc`,
 `cluster`, `malignant`, `stemness`, `pseudotime`, `pathways` and `niche` can also be set per dataset in the

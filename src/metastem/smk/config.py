@@ -17,6 +17,7 @@ import yaml
 from jsonschema import Draft202012Validator, validators
 
 from metastem.errors import MetastemError
+from metastem.io import infer_format
 
 SHEET_COLUMNS = ["dataset", "path", "format", "orientation", "species", "values", "log_base", "labels", "params"]
 # Sample columns (issue 15): rows sharing a dataset id are its samples, one input each, or `sample_key`
@@ -110,24 +111,6 @@ def validate_config(config: dict, schema: dict, *, where: str = "config") -> dic
         raise InputProblems([f"{where}: {line}. Fix: correct this key (allowed keys, types and ranges: "
                              "workflow/schemas/config.schema.yaml)" for line in lines])
     return config
-
-
-def infer_format(path: str) -> str:
-    """Input format from a path: the suffix for files, 10x_mtx for directories."""
-    p = path.lower()
-    if p.endswith(".h5ad"):
-        return "h5ad"
-    if p.endswith(".h5"):
-        return "10x_h5"
-    if p.endswith(".loom"):
-        return "loom"
-    if p.endswith((".csv", ".csv.gz")):
-        return "csv"
-    if p.endswith((".tsv", ".tsv.gz", ".txt", ".txt.gz", ".matrix.gz", ".matrix")):
-        return "tsv"
-    if os.path.isdir(path):
-        return "10x_mtx"
-    return ""
 
 
 def parse_overrides(text: str) -> dict:
