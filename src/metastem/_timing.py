@@ -118,7 +118,7 @@ def process_age_s() -> float | None:
         return None
 
 
-def log_startup(name: str = "start-up (interpreter, Snakemake preamble, imports)") -> None:
+def log_startup(name: str = "start-up (interpreter, Snakemake preamble)") -> None:
     """One step line for the time from the process's start to now: what a job pays before its work."""
     age = process_age_s()
     if _enabled and age is not None:
