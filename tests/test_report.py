@@ -22,7 +22,7 @@ import pandas as pd
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SECTIONS = ["input", "qc", "clusters", "stemness", "pseudotime", "pathways", "methods"]
+SECTIONS = ["input", "samples", "qc", "clusters", "malignant", "stemness", "pseudotime", "pathways", "niche", "methods"]
 SMALL_CONFIG = {"datasets": "config/datasets.tsv", "outdir": "results", "seed": 0,
                 "simulate": {"n_cells": 600, "n_genes": 2000}}
 
@@ -268,8 +268,11 @@ def test_index_summarises_datasets_from_their_files(qc_only, tmp_path):
     (results / "demo/report.html").write_text("<html></html>")
     report.write_index(results / "index.html", [results / "demo/report.html"])
     page = parse(results / "index.html")
-    assert [r for r in page.refs if not r.startswith("#")] == ["demo/report.html"]
-    assert "1 of 5 (missing: cluster, stemness, pseudotime, pathways)" in page.plain
+    # one row per sample of the dataset, each linking the dataset's report
+    assert set(r for r in page.refs if not r.startswith("#")) == {"demo/report.html"}
+    assert "1 of 7 (missing: cluster, malignant, stemness, pseudotime, pathways, niche)" in page.plain
+    for sample in ("P1", "P2", "P3"):  # the demo tumour's three patients, one row each
+        assert f"demo {sample} " in page.plain
 
 
 def test_top_pathway_prefers_significant_sets():

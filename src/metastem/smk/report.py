@@ -32,7 +32,7 @@ from metastem.io import write_text_atomic
 
 log = logging.getLogger(__name__)
 
-TEMPLATES = Path(__file__).parent / "templates"
+TEMPLATES = Path(__file__).resolve().parents[1] / "templates"  # package data of metastem
 STAGES = ("qc", "cluster", "malignant", "stemness", "pseudotime", "pathways", "niche")
 # Tables above this many rows scroll inside a box; above MAX_TABLE_ROWS they are cut (full file on disk).
 SCROLL_ROWS = 15
