@@ -36,7 +36,7 @@ def planted(seed=0):
 
 def test_each_sample_gets_its_own_calls_and_normal_cells_none():
     a = planted()
-    csc.call_csc_like(a, quantile=0.9)
+    csc.call_csc_like(a, quantile=0.9, rule="quantile")
     obs, t = a.obs, csc.csc_table(a).set_index("sample")
     assert not obs.loc[~obs["malignant"], "csc_like"].any(), "normal cells are never CSC-like"
     # a dataset-wide quantile would call every normal progenitor and no cell of patient D
@@ -89,7 +89,7 @@ def test_too_few_malignant_cells_and_no_malignant_column():
     b = a.copy()
     del b.obs["malignant"]
     csc.call_csc_like(b)
-    assert "every cell is treated as malignant" in csc.csc_summary(b)["notes"][0]
+    assert any("every cell is treated as malignant" in n for n in csc.csc_summary(b)["notes"])
     assert all(v is not None for v in b.uns["csc_like"].values())
 
 
@@ -116,8 +116,8 @@ def test_oligodendroglioma_calls_come_from_every_tumour(shared_datasets, default
     cluster.embed_and_cluster(adata, defaults["cluster"], seed=0)
     assert "X_pca_harmony" in adata.obsm
     s = {k: v for k, v in defaults["stemness"].items() if k not in ("csc_groupby", "csc_rule")}
-    stemness.score_stemness(adata, species="human", seed=0, **s)
     adata.obs["malignant"] = adata.obs["annotation"].astype(str).str.startswith("malignant").to_numpy()
+    stemness.score_stemness(adata, species="human", seed=0, **s)   # as the stage: malignant calls first
     csc.call_csc_like(adata, quantile=defaults["stemness"]["csc_quantile"])
     obs = adata.obs
     tumours = {"93", "97", "MGH36", "MGH53"}
@@ -127,3 +127,68 @@ def test_oligodendroglioma_calls_come_from_every_tumour(shared_datasets, default
     assert t.loc["MGH54", "n_malignant"] == 0 and t.loc["MGH54", "n_csc_like"] == 0
     for s_ in tumours:
         assert 0.05 <= t.loc[s_, "frac_csc_like"] <= 0.15
+
+
+def test_transplant_order_keeps_values_and_takes_order():
+    from metastem.stemness import transplant_order
+
+    values, order_by = np.array([0.9, 0.1, 0.5, 0.3]), np.array([1.0, 4.0, 2.0, 3.0])
+    out = transplant_order(values, order_by)
+    assert sorted(out) == sorted(values) and list(np.argsort(out)) == list(np.argsort(order_by))
+
+
+@pytest.fixture(scope="module")
+def tumours(defaults):
+    """The built-in tumour (3 patients, planted stem-like shares 8 / 15 / 22 % of malignant cells, normal immune,
+    stromal and endothelial cells) through QC, clustering with Harmony, stemness and the default CSC-like call,
+    for three seeds. The malignant column is the simulator's truth (the malignant call is tested in test_cnv)."""
+    from metastem import cluster, qc, stemness
+    from metastem.simulate import simulate_tumour
+
+    out = []
+    s = {k: v for k, v in defaults["stemness"].items() if k not in ("csc_groupby", "csc_rule")}
+    for seed in (0, 2, 3):
+        raw = simulate_tumour(2500, 1500, seed=seed)
+        a, _, _ = qc.run_qc(raw, defaults["qc"], values="counts", species="human", seed=seed)
+        cluster.normalize(a, values="counts", target_sum=defaults["cluster"]["target_sum"])
+        cluster.embed_and_cluster(a, defaults["cluster"], seed=seed)
+        a.obs["malignant"] = a.obs["true_malignant"].astype(bool)
+        stemness.score_stemness(a, species="human", seed=seed, **s)
+        csc.call_csc_like(a, groupby=defaults["stemness"]["csc_groupby"], quantile=defaults["stemness"]["csc_quantile"],
+                          rule=defaults["stemness"]["csc_rule"], seed=seed)
+        out.append(a)
+    return out
+
+
+def test_simulated_tumour_stem_like_cells_recovered_per_patient(tumours):
+    """Issue 15: among malignant cells stemness separates the planted stem-like cells (measured AUROC 0.996-0.998
+    with the signature learned within malignant cells; 0.81 when it was learned over all cells), every patient's
+    CSC-like share is within 5 points of its planted share (measured within 0.2-2.1 points), and normal cells are
+    never CSC-like."""
+    from sklearn.metrics import roc_auc_score
+
+    for a in tumours:
+        obs = a.obs
+        m, truth = obs["malignant"].to_numpy(bool), obs["true_stem_like"].to_numpy(bool)
+        assert roc_auc_score(truth[m], obs["stemness"].to_numpy()[m]) >= 0.9
+        assert not obs.loc[~obs["malignant"], "csc_like"].any()
+        t = csc.csc_table(a).set_index("sample")
+        planted = obs[m].groupby("sample", observed=True)["true_stem_like"].mean()
+        for sample, share in planted.items():
+            assert t.loc[sample, "distinct"] and t.loc[sample, "rule_used"] == "antimode", sample
+            assert abs(t.loc[sample, "frac_csc_like"] - share) <= 0.05, (sample, t.loc[sample, "frac_csc_like"], share)
+        assert truth[obs["csc_like"].to_numpy(bool)].mean() >= 0.9   # precision (measured 0.97-1.00)
+
+
+def test_within_compartment_keeps_the_malignant_normal_comparison(tumours):
+    """The compartment step reorders cells inside each compartment only: the values malignant and normal cells
+    hold (so the malignant-above-normal comparison) are those of the all-cell score."""
+    from metastem import stemness
+
+    a = tumours[0].copy()
+    within = a.obs["stemness_cytotrace"].to_numpy()
+    del a.obs["malignant"]
+    stemness.score_cytotrace(a, key_added="all_cells")
+    m = tumours[0].obs["malignant"].to_numpy(bool)
+    for part in (m, ~m):
+        assert np.allclose(np.sort(within[part]), np.sort(a.obs["all_cells"].to_numpy()[part]))

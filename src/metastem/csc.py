@@ -21,9 +21,17 @@ with 5-20 % of the cells in the upper one in 47-83 % of draws at 200 cells and 7
 (rarely below 100 cells). A sample without a distinct mode is reported as such (``distinct`` False)
 instead of headlining "10 % CSC-like".
 
-Rules: ``'quantile'`` (default) calls the malignant cells at or above the sample's ``quantile`` of
-stemness; ``'antimode'`` calls the cells above the antimode where the sample has a distinct mode (so the
-CSC-like share is estimated per sample) and falls back to the quantile elsewhere.
+Rules: ``'antimode'`` (default) calls the cells above the antimode where the sample has a distinct mode
+(so the CSC-like share is estimated per sample) and falls back to the quantile elsewhere, flagged as no
+distinct population; ``'quantile'`` calls the malignant cells at or above the sample's ``quantile`` of
+stemness whatever the shape.
+
+The score read is ``obs['stemness_within']`` (``metastem.stemness.score_stemness``): the stemness that
+orders malignant cells, learned among them, on a scale that keeps its shape. A rank-scaled score is
+uniform by construction, so no dip can ever be seen in it: on the simulated tumour (3 patients, planted
+stem-like shares 8 / 15 / 22 %), the rank-scaled ``stemness`` showed no distinct mode in any patient,
+while the within-malignant diffused signature showed one in each, above which lie 7.6 / 14.7 / 20.6 %
+of the malignant cells (precision 0.97-0.98). Without that column ``obs['stemness']`` is read, with a note.
 """
 from __future__ import annotations
 
@@ -35,6 +43,7 @@ import numpy as np
 import pandas as pd
 
 from metastem._keys import Obs
+from metastem.stemness import STEMNESS_WITHIN
 
 log = logging.getLogger(__name__)
 
@@ -94,8 +103,8 @@ def stemness_modes(x: np.ndarray, *, seed: int = 0) -> dict:
     return best
 
 
-def call_csc_like(adata: ad.AnnData, *, stemness_key: str = Obs.STEMNESS, groupby: str = Obs.SAMPLE,
-                  malignant_key: str = Obs.MALIGNANT, quantile: float = 0.9, rule: str = "quantile",
+def call_csc_like(adata: ad.AnnData, *, stemness_key: str = STEMNESS_WITHIN, groupby: str = Obs.SAMPLE,
+                  malignant_key: str = Obs.MALIGNANT, quantile: float = 0.9, rule: str = "antimode",
                   min_cells: int = 20, key_added: str = Obs.CSC_LIKE, seed: int = 0,
                   copy: bool = False) -> ad.AnnData | None:
     """Call CSC-like cells among the malignant cells of each sample.
@@ -103,7 +112,9 @@ def call_csc_like(adata: ad.AnnData, *, stemness_key: str = Obs.STEMNESS, groupb
     Parameters
     ----------
     stemness_key
-        obs column of stemness (high = less differentiated); normal cells keep theirs.
+        obs column of stemness (high = less differentiated); normal cells keep theirs. Default: the
+        shape-keeping within-compartment score ``stemness_within`` (see the module docstring); when it is
+        absent, ``stemness`` (with a note).
     groupby
         obs column of samples; each is ranked on its own (one group of all cells when absent).
     malignant_key
@@ -112,8 +123,8 @@ def call_csc_like(adata: ad.AnnData, *, stemness_key: str = Obs.STEMNESS, groupb
         With ``rule='quantile'`` (and as the fallback of ``'antimode'``), the malignant cells at or above this
         quantile of their sample's malignant-cell stemness are CSC-like.
     rule
-        ``'quantile'`` or ``'antimode'`` (cells above the sample's antimode where it has a distinct upper
-        mode, see ``stemness_modes``).
+        ``'antimode'`` (cells above the sample's antimode where it has a distinct upper mode, see
+        ``stemness_modes``; the quantile elsewhere, flagged) or ``'quantile'``.
     min_cells
         Samples with fewer malignant cells get no call (too few to rank), with a note.
 
@@ -126,8 +137,14 @@ def call_csc_like(adata: ad.AnnData, *, stemness_key: str = Obs.STEMNESS, groupb
         raise ValueError(f"rule must be 'quantile' or 'antimode', not {rule!r}")
     adata = adata.copy() if copy else adata
     obs = adata.obs
-    stem = obs[stemness_key].to_numpy(dtype=float)
     notes = []
+    if stemness_key not in obs and stemness_key == STEMNESS_WITHIN and Obs.STEMNESS in obs:
+        notes.append(f"no obs['{STEMNESS_WITHIN}']: CSC-like cells are called on obs['{Obs.STEMNESS}'], whose "
+                     "rank scale hides any distinct mode")
+        stemness_key = Obs.STEMNESS
+    if stemness_key not in obs:
+        raise ValueError(f"no obs['{stemness_key}'] to call CSC-like cells on: run score_stemness first")
+    stem = obs[stemness_key].to_numpy(dtype=float)
     if malignant_key in obs:
         malignant = obs[malignant_key].fillna(False).to_numpy(dtype=bool)
     else:

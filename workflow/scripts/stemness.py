@@ -4,7 +4,7 @@ from pathlib import Path
 from metastem.smk import run
 
 # obs columns handed to later stages (docs/CONTRACTS.md: stemness/cells.tsv.gz)
-FIXED_COLUMNS = ["stemness", "csc_like", "stemness_cytotrace", "stemness_gene_counts", "stemness_depth_adjusted",
+FIXED_COLUMNS = ["stemness", "csc_like", "stemness_within", "stemness_cytotrace", "stemness_gene_counts", "stemness_depth_adjusted",
                  "stemness_entropy", "stemness_programme", "stemness_proliferation", "stemness_signature",
                  "S_score", "G2M_score", "phase"]
 
@@ -30,14 +30,15 @@ def main(smk) -> None:
     row, p = smk.params.row, smk.params.params
     adata = ad.read_h5ad(smk.input.h5ad)
     s = p["stemness"]
-    csc_keys = ("csc_groupby", "csc_rule")  # read by csc.call_csc_like below, not by the score
-    info = stemness.score_stemness(adata, species=row["species"], seed=p["seed"],
-                                   **{k: v for k, v in s.items() if k not in csc_keys})
-    # CSC-like: each sample's own most stem-like MALIGNANT cells (issue 15), replacing the dataset-wide call
+    # malignant calls first: the score orders malignant cells by a signature learned among them (compartment_key)
     malignant = getattr(smk.input, "malignant", None)  # rules.malignant.output.cells
     if malignant:
         calls = pd.read_csv(malignant if isinstance(malignant, str) else malignant[0], sep="\t", index_col=0)
         adata.obs["malignant"] = calls["malignant"].reindex(adata.obs_names).fillna(False).astype(bool).to_numpy()
+    csc_keys = ("csc_groupby", "csc_rule")  # read by csc.call_csc_like below, not by the score
+    info = stemness.score_stemness(adata, species=row["species"], seed=p["seed"],
+                                   **{k: v for k, v in s.items() if k not in csc_keys})
+    # CSC-like: each sample's own most stem-like MALIGNANT cells (issue 15), replacing the dataset-wide call
     if info.get("status", "computed") == "computed":
         csc.call_csc_like(adata, groupby=s["csc_groupby"], quantile=s["csc_quantile"], rule=s["csc_rule"],
                           seed=p["seed"])
