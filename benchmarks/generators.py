@@ -12,8 +12,8 @@ structure:
   position ``t`` on edge (u, v) draws each of its counts from state u with probability 1 - t and from v
   with probability t. Library sizes are log-normal and calibrated so that a cell stores about
   ``nnz_per_cell`` non-zero values (1,200 by default, ~ a 10x v3 tumour sample at 20k genes). Gene
-  names are real HGNC symbols: the 18,091 the package ships, then named GENCODE genes from the
-  gene-position table (package data or ../shared/reference/genome) when more are asked for; only
+  names are real HGNC symbols: the 18,089 the package ships, then named GENCODE genes from the
+  gene-position table (package data, else ../shared/reference/genome) when more are asked for; only
   beyond those are synthetic names used. ``obs``: ``true_state`` (the nearer state of the cell's
   edge), ``edge``, ``edge_position``, ``tree_distance`` (from the root state S0, in edges).
 
@@ -44,7 +44,7 @@ _ENSEMBL_LIKE = re.compile(r"^(ENS[A-Z]*G\d+|[A-Z]{1,2}\d{6}\.\d+|\d+)$")
 
 
 def _positions_tables() -> list[Path]:
-    here = [p for p in (REPO / "src" / "metastem" / "data").glob("*human*position*.tsv.gz")]
+    here = sorted((REPO / "src" / "metastem" / "data").glob("**/human_gene_positions.tsv.gz"))
     shared = Path(os.environ.get("METASTEM_SHARED", REPO.parent / "shared")) / "reference" / "genome"
     return here + [shared / "human_gene_positions.tsv.gz"]
 
