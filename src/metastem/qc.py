@@ -131,10 +131,11 @@ def call_doublets(adata: ad.AnnData, expected_rate: float, seed: int, sim_ratio:
         idx = np.flatnonzero(block == b)
         tmp = ad.AnnData(X=adata.X[idx] if n_blocks > 1 else adata.X)
         # Exact neighbours are faster than pynndescent (and its JIT) until the simulated-doublet-augmented
-        # data reach tens of thousands of cells; beyond that approximate search keeps the cost linear.
+        # data reach ~60k cells (measured at 21k cells = 42k augmented: 13.6 s vs 23.6 s wall, 14 vs 29 s CPU,
+        # 586 vs 587 doublets, scores r = 0.9999); beyond that approximate search keeps the cost linear.
         with graph_only_nndescent():
             sc.pp.scrublet(tmp, expected_doublet_rate=expected_rate, random_state=seed, verbose=False,
-                           use_approx_neighbors=idx.size * (1 + sim_ratio) > 30000, mean_center=False,
+                           use_approx_neighbors=idx.size * (1 + sim_ratio) > 60000, mean_center=False,
                            n_neighbors=min(30, max(5, idx.size // 10)), sim_doublet_ratio=sim_ratio)
         scores[idx] = tmp.obs["doublet_score"].to_numpy()
         thresholds.append(tmp.uns.get("scrublet", {}).get("threshold"))
