@@ -192,3 +192,12 @@ def test_within_compartment_keeps_the_malignant_normal_comparison(tumours):
     m = tumours[0].obs["malignant"].to_numpy(bool)
     for part in (m, ~m):
         assert np.allclose(np.sort(within[part]), np.sort(a.obs["all_cells"].to_numpy()[part]))
+    # the one-pass grouped signature is the signature learned on each compartment's cells alone
+    b = tumours[0].copy()
+    n_detected = stemness.gene_counts(b)
+    record = stemness.cytotrace_within_compartments(b, n_detected=n_detected)
+    assert [c["value"] for c in record["compartments"]] == ["False", "True"]
+    for part, rec in zip((~m, m), record["compartments"]):
+        _, top = stemness.gene_count_signature(b.X[part], n_detected[part], 200, stemness.log_scale(b))
+        assert rec["signature_genes"] == [str(g) for g in b.var_names[top]]
+        assert rec["n_cells"] == part.sum()

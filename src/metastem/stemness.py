@@ -370,7 +370,7 @@ def cytotrace_within_compartments(adata: ad.AnnData, *, compartment_key: str = O
     n_detected = gene_counts(adata) if n_detected is None else np.asarray(n_detected)
     col = adata.obs[compartment_key]
     labels = np.where(pd.isna(col).to_numpy(), "False", col.astype(str).to_numpy())   # missing = normal
-    values = sorted(pd.unique(labels))
+    values = np.array(sorted(pd.unique(labels)))
     record: dict[str, Any] = {"compartment_key": compartment_key, "compartments": [], "signature_genes": [],
                               "note": ""}
     if len(values) < 2:
@@ -381,20 +381,36 @@ def cytotrace_within_compartments(adata: ad.AnnData, *, compartment_key: str = O
                             fix="run the cluster stage (sc.pp.neighbors) before stemness")
     score, raw = adata.obs[score_key].to_numpy(dtype=float).copy(), adata.obs[key_added].to_numpy(dtype=float).copy()
     scale, genes, small = log_scale(adata), [], []
-    for value in values:
-        idx = np.flatnonzero(labels == value)
-        if idx.size < min_cells:
-            small.append(f"{value} ({idx.size} cells)")
-            continue
-        X = adata.X[idx]
-        gcs, top = gene_count_signature(X, n_detected[idx], n_signature_genes, scale)
+    codes = np.searchsorted(values, labels)
+    sizes = np.bincount(codes, minlength=len(values))
+    big = [j for j, value in enumerate(values) if sizes[j] >= min_cells]
+    small = [f"{values[j]} ({sizes[j]} cells)" for j in range(len(values)) if sizes[j] < min_cells]
+
+    def census(B, rows: slice):
+        return census_log(B, n_detected[rows], scale)
+
+    # the gene-count signature of every compartment at once: correlations within each group in one pass over
+    # X, then each cell's mean over its own compartment's genes in a second (X is never copied or subset)
+    r = pearson_with(adata.X, n_detected, transform=census, groups=codes, n_groups=len(values))
+    n_top = min(n_signature_genes, adata.n_vars)
+    tops = {j: np.argsort(-np.nan_to_num(r[j], nan=-np.inf), kind="stable")[:n_top] for j in big}
+    gcs = np.zeros(adata.n_obs)
+    for rows in row_blocks(adata.n_obs):
+        C = census(row_block(adata.X, rows), rows)
+        block_codes = codes[rows]
+        for j in big:
+            sel = np.flatnonzero(block_codes == j)
+            if sel.size:
+                gcs[rows.start + sel] = np.asarray(C[sel][:, tops[j]].mean(axis=1)).ravel()
+    for j in big:
+        idx = np.flatnonzero(codes == j)
         D = _compartment_markov(adata.obsp[graph_key], idx)
-        smoothed, _ = diffuse(D, nnls_regress(D, gcs), alpha)
+        smoothed, _ = diffuse(D, nnls_regress(D, gcs[idx]), alpha)
         raw[idx] = smoothed
         score[idx] = transplant_order(score[idx], smoothed)
-        names = [str(g) for g in adata.var_names[top]]
+        names = [str(g) for g in adata.var_names[tops[j]]]
         genes += names
-        record["compartments"].append({"value": value, "n_cells": int(idx.size), "signature_genes": names})
+        record["compartments"].append({"value": str(values[j]), "n_cells": int(idx.size), "signature_genes": names})
     adata.obs[score_key], adata.obs[key_added] = score, raw
     record["signature_genes"] = list(dict.fromkeys(genes))
     if small:
