@@ -70,6 +70,13 @@ def test_step_decorator_names_files_and_flags_failures(timing_on, caplog):
     assert lines[1].endswith("(failed)") and not lines[0].endswith("(failed)")
 
 
+def test_timed_wraps_one_call_as_a_step(timing_on, caplog):
+    caplog.set_level(logging.INFO, logger="metastem.timing")
+    assert timing_on.timed("sum", sum, [1, 2, 3], start=4) == 10
+    lines = [r.getMessage() for r in caplog.records if r.name == "metastem.timing"]
+    assert [timing_on.LINE.match(x)["step"] for x in lines] == ["sum"]
+
+
 def test_step_is_silent_unless_enabled(caplog):
     from metastem import _timing
 
