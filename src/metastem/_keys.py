@@ -42,6 +42,7 @@ class Obs:
     STEMNESS_PROGRAMME = "stemness_programme"
     STEMNESS_PROLIFERATION = "stemness_proliferation"
     STEMNESS_DIFF_SET_PREFIX = "stemness_diffset_"
+    STEMNESS_WITHIN = "stemness_within"  # the score within compartments, shape kept (CSC-like calls)
     NICHE_GROUP = "niche_group"  # the cell group of the niche ligand-receptor analysis (metastem.niche)
 
 
@@ -71,10 +72,10 @@ class Uns:
     PSEUDOTIME_ROOT = "pseudotime_root"  # the root cell, how it was chosen, the candidates
     PATHWAYS = "pathways"
     NICHE = "niche"
-
-
     MALIGNANT = "malignant"        # evidence, rule, notes, reference cells of the malignant call
     CNV = "cnv"                    # infercnvpy's chr_pos (window index where each chromosome starts)
+
+
 class Files:
     """Files one stage writes for another, relative to ``{outdir}/{dataset}/``."""
 
