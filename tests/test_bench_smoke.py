@@ -199,6 +199,31 @@ def test_tree_generator_is_deterministic():
     assert list(c.var_names) != list(a.var_names) or (c.X != a.X).nnz > 0
 
 
+# ---------------------------------------------------------------- measured performance changes
+
+def test_qc_metrics_equal_scanpys_without_its_index_copy(tree):
+    """metastem.qc.compute_qc_metrics (blocked, no int64 copy of X's indices) gives scanpy's columns."""
+    import scanpy as sc
+
+    from metastem import qc
+
+    ours, theirs = tree.copy(), tree.copy()
+    ours.X.data[:50] = 0  # stored zeros are not detected genes (scanpy eliminates them)
+    theirs.X.data[:50] = 0
+    theirs.var_names = list(theirs.var_names[:-3]) + ["MT-CO1", "RPL3", "HBB"]  # one flagged gene of each kind
+    ours.var_names = theirs.var_names
+    qc.compute_qc_metrics(ours, "human")
+    for key, mask in qc.gene_flags(theirs.var_names, "human").items():
+        theirs.var[key] = mask
+    sc.pp.calculate_qc_metrics(theirs, qc_vars=["mt", "ribo", "hb"], percent_top=None, log1p=False, inplace=True)
+    assert ours.var[["mt", "ribo", "hb"]].to_numpy().sum(0).min() >= 1
+    for frame, ref in ((ours.obs, theirs.obs), (ours.var, theirs.var)):
+        new = [c for c in ref.columns if c not in tree.obs.columns and c not in tree.var.columns]
+        assert set(new) <= set(frame.columns)
+        for c in new:
+            np.testing.assert_allclose(frame[c].to_numpy(float), ref[c].to_numpy(float), rtol=1e-6, err_msg=c)
+
+
 # ------------------------------------------------------------------------ the whole harness
 
 @pytest.fixture(scope="module")
