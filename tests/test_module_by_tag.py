@@ -176,9 +176,10 @@ def test_snakedeploy_deploy_workflow_then_run(published):
     snakefile = (dest / "workflow" / "Snakefile").read_text()
     assert f'github("{OWNER_REPO}", path="Snakefile", tag="{TAG}")' in snakefile, snakefile
     assert (dest / "config" / "config.yaml").is_file() and (dest / "config" / "datasets.tsv").is_file()
-    small = f"simulate={{n_cells: {SMALL['n_cells']}, n_genes: {SMALL['n_genes']}}}"
-    _run([str(published["py"]), "-m", "snakemake", "--cores", "2", "--config", small], cwd=dest,
-         env=published["env"], timeout=1500)
+    # as a user would: edit the deployed config (here: a small demo)
+    with open(dest / "config" / "config.yaml", "a") as fh:
+        fh.write(f"simulate:\n  n_cells: {SMALL['n_cells']}\n  n_genes: {SMALL['n_genes']}\n")
+    _run([str(published["py"]), "-m", "snakemake", "--cores", "2"], cwd=dest, env=published["env"], timeout=1500)
     out = dest / "results" / "demo"
     _check_report(out / "report.html", out / "figures")
 

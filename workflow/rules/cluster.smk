@@ -26,7 +26,12 @@ rule cluster:
             category="2. Clusters",
             labels={"dataset": "{dataset}", "table": "sample mixing per cluster"},
         ),
-        composition=f"{OUTDIR}/{{dataset}}/tables/sample_composition.tsv",
+        composition=report(
+            f"{OUTDIR}/{{dataset}}/tables/sample_composition.tsv",
+            caption="../report/sample_composition.rst",
+            category="2. Clusters",
+            labels={"dataset": "{dataset}", "table": "samples per cluster"},
+        ),
         mixing_figure=report(
             f"{OUTDIR}/{{dataset}}/figures/umap_samples.png",
             caption="../report/umap_samples.rst",

@@ -159,23 +159,21 @@ def wired_outputs(**wanted):
 
 
 def caption_texts(stages, caption_path) -> dict[str, str]:
-    """{file stem: caption text} for every file a stage rule declares that has a caption in
-    workflow/report/. ``caption_path(stem)`` is workflow.source_path of the caption, called from the
-    rule file (a local copy also when the workflow is a module pulled by tag, where nothing is on disk).
+    """{file stem: caption text} for every output of a stage rule flagged report(..., caption=...).
+
+    ``caption_path(name)`` is workflow.source_path of ``workflow/report/<name>``, called from the rule
+    file: a local copy also when the workflow is a module pulled by tag. Only captions the rules name
+    are read (asking a git source for a file its tag lacks makes Snakemake fetch from the network).
     Passed to the report rule as params, so a caption edit reruns the report."""
-    stems = {
-        Path(str(f)).name.split(".")[0]
-        for stage in stages
-        if rules.has(stage)
-        for f in getattr(rules, stage).rule.output
-    }
     texts = {}
-    for stem in sorted(stems):
-        try:
-            with open(caption_path(stem)) as fh:
-                texts[stem] = fh.read()
-        except (
-            Exception
-        ):  # no caption for this file (OSError locally, WorkflowError from a git source)
+    for stage in stages:
+        if not rules.has(stage):
             continue
+        for f in getattr(rules, stage).rule.output:
+            flagged = getattr(f, "flags", {}).get("report")
+            if flagged is not None and flagged.caption:
+                # a git source names it '<path>@<tag>': the file name is what precedes the '@'
+                name = Path(str(flagged.caption)).name.split("@")[0]
+                with open(caption_path(name)) as fh:
+                    texts[Path(str(f)).name.split(".")[0]] = fh.read()
     return texts

@@ -3,7 +3,7 @@ from metastem.smk import report as metastem_report
 
 # every caption of workflow/report/, read through workflow.source_path (works for a module pulled by tag)
 CAPTIONS = caption_texts(
-    metastem_report.STAGES, lambda stem: workflow.source_path(f"../report/{stem}.rst")
+    metastem_report.STAGES, lambda name: workflow.source_path(f"../report/{name}")
 )
 
 
