@@ -73,8 +73,9 @@ def test_step_decorator_names_files_and_flags_failures(timing_on, caplog):
 def test_timed_wraps_one_call_as_a_step(timing_on, caplog):
     caplog.set_level(logging.INFO, logger="metastem.timing")
     assert timing_on.timed("sum", sum, [1, 2, 3], start=4) == 10
+    assert timing_on.timed("kw", lambda **kw: kw, name="n", func="f") == {"name": "n", "func": "f"}  # no clash
     lines = [r.getMessage() for r in caplog.records if r.name == "metastem.timing"]
-    assert [timing_on.LINE.match(x)["step"] for x in lines] == ["sum"]
+    assert [timing_on.LINE.match(x)["step"] for x in lines] == ["sum", "kw"]
 
 
 def test_step_is_silent_unless_enabled(caplog):

@@ -125,7 +125,7 @@ def log_startup(name: str = "start-up (interpreter, Snakemake preamble)") -> Non
         log.info("step %s: %.2f s, peak RSS %.2f GB", name, age, peak_rss_gb())
 
 
-def timed(name: str, func: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+def timed(name: str, func: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
     """``func(*args, **kwargs)`` as one step: ``adata = timed("read qc.h5ad", ad.read_h5ad, path)``."""
     with step(name):
         return func(*args, **kwargs)
