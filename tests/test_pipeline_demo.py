@@ -230,8 +230,8 @@ def planned_jobs(output: str) -> set[str]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("section, change, reruns", [
-    ("pathways", {"fdr": 0.01}, {"pathways", "report", "index", "all"}),
-    ("stemness", {"csc_quantile": 0.8}, {"stemness", "pseudotime", "pathways", "report", "index", "all"}),
+    ("pathways", {"fdr": 0.01}, {"pathways", "niche", "report", "index", "all"}),
+    ("stemness", {"csc_quantile": 0.8}, {"stemness", "pseudotime", "pathways", "niche", "report", "index", "all"}),
 ])
 def test_a_parameter_change_reruns_only_the_rules_that_use_it(tmp_path, section, change, reruns):
     wd = demo_run()

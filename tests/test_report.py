@@ -193,10 +193,12 @@ def test_index_links_every_report(demo_run):
     index = demo_run / "results/index.html"
     page = parse(index)
     links = [r for r in page.refs if not r.startswith("#")]
-    assert links == ["demo/report.html"]
+    assert set(links) == {"demo/report.html"}  # one row per sample, each linking its dataset's report
     assert all((index.parent / link).is_file() for link in links)
     qc = json.loads((demo_run / "results/demo/qc/info.json").read_text())
-    assert f"{qc['cells_out']}" in page.plain.replace(",", "")
+    assert len(links) == len(qc["per_sample"])
+    for sample, part in qc["per_sample"].items():
+        assert f"demo {sample} {part['cells_out']}" in page.plain.replace(",", "")
 
 
 @pytest.mark.slow
