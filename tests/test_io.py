@@ -555,3 +555,23 @@ def test_repeated_warnings_are_one_line_each_in_the_job_log(tmp_path, monkeypatc
     assert text.count("highly fragmented") == 2                         # first occurrence + the summary
     assert "occurred 300 times in all (logged once)" in text and text.count("something else") == 1
     assert len(text.splitlines()) < 15
+
+
+def test_stage_cells_table_is_joined_or_refused_in_one_line(tmp_path):
+    """The one reader of the per-cell tables stages hand each other: every cell and column or a clear line."""
+    import anndata as ad
+
+    from metastem.errors import MetastemError
+    from metastem.io import add_stage_cells
+
+    adata = ad.AnnData(obs=pd.DataFrame(index=["c1", "c2", "c3"]))
+    table = tmp_path / "cells.tsv.gz"
+    pd.DataFrame({"stemness": [0.1, 0.9, 0.5, 0.2], "csc_like": [False, True, False, False]},
+                 index=pd.Index(["c3", "c2", "c1", "other"], name="cell")).to_csv(table, sep="\t")
+    add_stage_cells(adata, table)
+    assert adata.obs["stemness"].tolist() == [0.5, 0.9, 0.1]
+    with pytest.raises(MetastemError, match="no column 'pseudotime'"):
+        add_stage_cells(adata, table, ["pseudotime"])
+    short = ad.AnnData(obs=pd.DataFrame(index=["c1", "c9"]))
+    with pytest.raises(MetastemError, match="1 cells of the dataset are not in this table.*rerun the stage"):
+        add_stage_cells(short, table)

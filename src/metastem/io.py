@@ -628,6 +628,33 @@ def _clear_stale_temps(path: Path) -> None:
             pass
 
 
+@_step("read {path}")
+def add_stage_cells(adata: ad.AnnData, path: str | os.PathLike, columns: list[str] | None = None) -> None:
+    """Join a stage's per-cell table (``<stage>/cells.tsv.gz``: tab-separated, index = cell barcode) into
+    ``adata.obs``; the one reader of the tables stages hand each other.
+
+    Every cell of ``adata`` must be in the table and every requested column present; otherwise one line
+    names the file and says to rerun the stage that wrote it (a table from an older run, or cut short).
+    """
+    fix = "rerun the stage that wrote it (delete the file and run again)"
+    try:
+        cells = pd.read_csv(path, sep="\t", index_col=0)
+    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
+        raise MetastemError(f"per-cell table cannot be read ({type(exc).__name__})", file=str(path), fix=fix) from None
+    cells.index = cells.index.astype(str)
+    wanted = list(cells.columns) if columns is None else list(columns)
+    absent = [c for c in wanted if c not in cells.columns]
+    if absent:
+        raise MetastemError(f"no column {', '.join(map(repr, absent))} (has: {', '.join(cells.columns[:10])})",
+                            file=str(path), fix=fix)
+    missing = adata.obs_names.difference(cells.index)
+    if len(missing):
+        raise MetastemError(f"{len(missing)} cells of the dataset are not in this table (e.g. {missing[0]})",
+                            file=str(path), fix=fix)
+    for col in wanted:
+        adata.obs[col] = cells.loc[adata.obs_names, col].to_numpy()
+
+
 @_step("read {path} (no X)")
 def read_h5ad_without_X(path: str | os.PathLike) -> ad.AnnData:
     """obs, var, obsm, obsp and uns of an h5ad, without X or layers: for stages that use only the graph."""

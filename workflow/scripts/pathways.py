@@ -3,21 +3,6 @@ tables, figures and final.h5ad (readable by cellxgene and scanpy's plots as writ
 from metastem.smk import run
 
 
-def add_cells_table(adata, path: str) -> None:
-    """Join a stage's per-cell table (index = barcode) into obs; every cell must be there."""
-    import pandas as pd
-
-    from metastem.errors import MetastemError
-
-    cells = pd.read_csv(path, sep="\t", index_col=0)
-    missing = adata.obs_names.difference(cells.index)
-    if len(missing):
-        raise MetastemError(f"{len(missing)} cells of clustered.h5ad are not in this table (e.g. {missing[0]})",
-                            file=path, fix="rerun the stage that wrote it (delete the file and run again)")
-    for col in cells.columns:
-        adata.obs[col] = cells.loc[adata.obs_names, col].to_numpy()
-
-
 def main(smk) -> None:
     import json
 
@@ -33,11 +18,11 @@ def main(smk) -> None:
     row, p = smk.params.row, smk.params.params
     params = p["pathways"]
     adata = ad.read_h5ad(smk.input.h5ad)
-    add_cells_table(adata, smk.input.stemness)
-    add_cells_table(adata, smk.input.pseudotime)
+    io.add_stage_cells(adata, smk.input.stemness)
+    io.add_stage_cells(adata, smk.input.pseudotime)
     malignant = getattr(smk.input, "malignant", None)
     if malignant:
-        add_cells_table(adata, malignant)
+        io.add_stage_cells(adata, malignant)
         adata.obs["malignant"] = adata.obs["malignant"].astype(bool)
     adata.obs["csc_like"] = adata.obs["csc_like"].astype(bool)
     exclude = pw.stemness_genes(smk.input.stemness_info, smk.input.stemness_gene_sets)

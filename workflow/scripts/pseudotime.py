@@ -5,23 +5,6 @@ STEMNESS_KEY = "stemness"
 OBS_WRITTEN = ["pseudotime", "pseudotime_reachable"]
 
 
-def add_stemness(adata, path: str) -> None:
-    """Join the stemness column of the stemness stage's per-cell table; every cell must be there."""
-    import pandas as pd
-
-    from metastem.errors import MetastemError
-
-    cells = pd.read_csv(path, sep="\t", index_col=0)
-    if STEMNESS_KEY not in cells.columns:
-        raise MetastemError(f"no '{STEMNESS_KEY}' column (has: {', '.join(cells.columns[:10])})", file=path,
-                            fix="rerun the stemness stage (delete the file and run again)")
-    missing = adata.obs_names.difference(cells.index)
-    if len(missing):
-        raise MetastemError(f"{len(missing)} cells of clustered.h5ad are not in this table (e.g. {missing[0]})",
-                            file=path, fix="rerun the stemness stage (delete the file and run again)")
-    adata.obs[STEMNESS_KEY] = cells.loc[adata.obs_names, STEMNESS_KEY].to_numpy(dtype=float)
-
-
 def main(smk) -> None:
     from metastem import io
     from metastem import plots_pseudotime as plots
@@ -32,7 +15,8 @@ def main(smk) -> None:
     params = dict(p["pseudotime"])
     umap_max_cells = params.pop("paga_umap_max_cells")
     adata = io.read_h5ad_without_X(smk.input.h5ad)  # DPT and PAGA use the graph, never X
-    add_stemness(adata, smk.input.stemness)
+    io.add_stage_cells(adata, smk.input.stemness, [STEMNESS_KEY])
+    adata.obs[STEMNESS_KEY] = adata.obs[STEMNESS_KEY].astype(float)
     pt.pseudotime(adata, **params, stemness_key=STEMNESS_KEY, labels_key=row["labels"] or None,
                   random_state=p["seed"])
     info = pt.pseudotime_info(adata)

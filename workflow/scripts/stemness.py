@@ -33,8 +33,8 @@ def main(smk) -> None:
     # malignant calls first: the score orders malignant cells by a signature learned among them (compartment_key)
     malignant = getattr(smk.input, "malignant", None)  # rules.malignant.output.cells
     if malignant:
-        calls = pd.read_csv(malignant if isinstance(malignant, str) else malignant[0], sep="\t", index_col=0)
-        adata.obs["malignant"] = calls["malignant"].reindex(adata.obs_names).fillna(False).astype(bool).to_numpy()
+        io.add_stage_cells(adata, malignant if isinstance(malignant, str) else malignant[0], ["malignant"])
+        adata.obs["malignant"] = adata.obs["malignant"].astype(bool)
     csc_keys = ("csc_groupby", "csc_rule")  # read by csc.call_csc_like below, not by the score
     info = stemness.score_stemness(adata, species=row["species"], seed=p["seed"],
                                    **{k: v for k, v in s.items() if k not in csc_keys})
