@@ -62,3 +62,23 @@ def defaults() -> dict:
     from metastem.smk.config import load_schema, validate_with_defaults
 
     return validate_with_defaults({}, load_schema(REPO / "workflow/schemas/config.schema.yaml"), where="defaults")
+
+
+@pytest.fixture(scope="session")
+def oligodendroglioma(shared_datasets):
+    """The shared oligodendroglioma data (Tirosh 2016; TPM-like, 184 cells): obs 'label' from the annotation and
+    'sample' = the patient (barcode prefix). Shared read-only: copy before changing."""
+    import anndata as ad
+    import numpy as np
+    import pandas as pd
+    import scipy.sparse as sp
+
+    expr = pd.read_csv(shared_datasets / "oligodendroglioma_expression_downsampled.counts.matrix.gz",
+                       sep="\t", index_col=0)
+    ann = pd.read_csv(shared_datasets / "oligodendroglioma_annotations_downsampled.txt", sep="\t",
+                      header=None, index_col=0)[1]
+    adata = ad.AnnData(sp.csr_matrix(expr.T.to_numpy(dtype=np.float32)),
+                       obs=pd.DataFrame({"label": ann.loc[expr.columns].to_numpy()}, index=expr.columns),
+                       var=pd.DataFrame(index=expr.index))
+    adata.obs["sample"] = [c.split("_")[0] for c in adata.obs_names]
+    return adata

@@ -33,15 +33,8 @@ def tumour(defaults):
 
 
 @pytest.fixture(scope="module")
-def oligo(shared_datasets, defaults):
-    expr = pd.read_csv(shared_datasets / "oligodendroglioma_expression_downsampled.counts.matrix.gz",
-                       sep="\t", index_col=0)
-    ann = pd.read_csv(shared_datasets / "oligodendroglioma_annotations_downsampled.txt", sep="\t",
-                      header=None, index_col=0)[1]
-    adata = ad.AnnData(sp.csr_matrix(expr.T.to_numpy(dtype=np.float32)),
-                       obs=pd.DataFrame({"label": ann.loc[expr.columns].to_numpy()}, index=expr.columns),
-                       var=pd.DataFrame(index=expr.index))
-    adata.obs["sample"] = [c.split("_")[0] for c in adata.obs_names]  # the patient is the barcode's prefix
+def oligo(oligodendroglioma, defaults):
+    adata = oligodendroglioma.copy()  # obs 'sample': the patient is the barcode's prefix
     return _clustered(adata, "normalized", defaults)
 
 

@@ -423,7 +423,6 @@ def plot_niche(adata: ad.AnnData, *, key: str = Uns.NICHE, n_top: int = 20, ax=N
     from metastem.plots import apply_style
 
     apply_style()
-    own_axes = ax is None
     table = interactions_table(adata, key)
     params = json.loads(adata.uns[key]["params_json"])
     sel = select_for_plot(table, n_top, params.get("alpha", 0.05)) if len(table) else table
@@ -461,16 +460,6 @@ def plot_niche(adata: ad.AnnData, *, key: str = Uns.NICHE, n_top: int = 20, ax=N
                   labelspacing=1.2)
         ax.set_title("Niche interactions of CSC-like cells (bold: the review's axes)", fontsize=10)
     fig.tight_layout()
-    if save is not None:  # atomically: a temporary name, then rename
-        from pathlib import Path
+    from metastem.plots import finish
 
-        path = Path(save)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-        fig.savefig(tmp, bbox_inches="tight")
-        os.replace(tmp, path)
-    if return_fig:
-        return fig
-    if own_axes:
-        plt.close(fig)
-    return None
+    return finish(fig, save, return_fig)
