@@ -3,6 +3,7 @@ from metastem.smk import run
 
 
 def main(smk) -> None:
+    from metastem._timing import timed  # one log line per step: time and peak RSS
     import json
 
     from pathlib import Path
@@ -15,19 +16,19 @@ def main(smk) -> None:
     from metastem.smk import write_json_atomic
 
     row, p = smk.params.row, smk.params.params
-    adata = ad.read_h5ad(smk.input.h5ad)
-    norm = cluster.normalize(adata, values=row["values"], target_sum=p["cluster"]["target_sum"])
+    adata = timed("read qc.h5ad", ad.read_h5ad, smk.input.h5ad)
+    norm = timed("normalise", cluster.normalize, adata, values=row["values"], target_sum=p["cluster"]["target_sum"])
     try:
-        notes = cluster.embed_and_cluster(adata, p["cluster"], seed=p["seed"])
+        notes = timed("HVG, PCA, kNN graph, UMAP, Leiden", cluster.embed_and_cluster, adata, p["cluster"], seed=p["seed"])
     except MetastemError as err:
         raise err.with_context(file=smk.input.h5ad)
-    markers = cluster.marker_genes(adata, p["cluster"]["n_markers"],
+    markers = timed("marker genes", cluster.marker_genes, adata, p["cluster"]["n_markers"],
                                    max_cells_per_cluster=p["cluster"]["markers_max_cells"], seed=p["seed"],
                                    key_added="rank_genes_groups")  # kept in clustered.h5ad for final.h5ad
     sizes = adata.obs["leiden"].value_counts().rename_axis("cluster").reset_index(name="n_cells")
     sizes["fraction"] = sizes["n_cells"] / adata.n_obs
     labels = adata.obs[row["labels"]] if row["labels"] else None
-    plots.plot_clusters(adata.obsm["X_umap"], adata.obs["leiden"], smk.output.figure, labels=labels)
+    timed("figure umap_clusters", plots.plot_clusters, adata.obsm["X_umap"], adata.obs["leiden"], smk.output.figure, labels=labels)
     io.write_table_atomic(markers, smk.output.markers, index=False)
     io.write_table_atomic(sizes, smk.output.sizes, index=False)
     batch_key = p["cluster"]["batch_key"]

@@ -8,6 +8,7 @@ COLUMNS = ["malignant", "cnv_score", "malignant_evidence", "cnv_reference"]
 
 
 def main(smk) -> None:
+    from metastem._timing import timed  # one log line per step: time and peak RSS
     import anndata as ad
 
     from metastem import cnv, io
@@ -15,8 +16,8 @@ def main(smk) -> None:
 
     row, p = smk.params.row, smk.params.params
     m = p["malignant"]
-    adata = ad.read_h5ad(smk.input.h5ad)
-    cnv.infer_malignant(adata, labels_key=row.get("labels") or "", species=row["species"], n_jobs=smk.threads, **m)
+    adata = timed("read clustered.h5ad", ad.read_h5ad, smk.input.h5ad)
+    timed("CNV inference and malignant calls", cnv.infer_malignant, adata, labels_key=row.get("labels") or "", species=row["species"], n_jobs=smk.threads, **m)
     info = dict(adata.uns["malignant"])
     figure_notes = {}
     for path, draw, needs in ((smk.output.heatmap, cnv.plot_cnv_heatmap, "X_cnv"),

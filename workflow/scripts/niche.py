@@ -13,6 +13,7 @@ def read_final(path: str):
 
 
 def main(smk) -> None:
+    from metastem._timing import timed  # one log line per step: time and peak RSS
     from metastem import io
     from metastem import niche
     from metastem.smk import write_json_atomic
@@ -22,7 +23,7 @@ def main(smk) -> None:
     adata = read_final(smk.input.h5ad)
     labels = row.get("labels") or ""
     groupby = labels if params["use_labels"] and labels and labels in adata.obs else params["groupby"]
-    niche.niche_interactions(adata, groupby=groupby, resource=params["resource"], species=row["species"],
+    timed("ligand-receptor interactions", niche.niche_interactions, adata, groupby=groupby, resource=params["resource"], species=row["species"],
                              n_perms=params["n_perms"], expr_prop=params["expr_prop"], min_cells=params["min_cells"],
                              max_cells_per_group=params["max_cells_per_group"], alpha=params["alpha"],
                              seed=p["seed"], n_jobs=1)

@@ -4,6 +4,7 @@ from metastem.smk import run
 
 
 def main(smk) -> None:
+    from metastem._timing import timed  # one log line per step: time and peak RSS
     import json
 
     import anndata as ad
@@ -17,7 +18,7 @@ def main(smk) -> None:
 
     row, p = smk.params.row, smk.params.params
     params = p["pathways"]
-    adata = ad.read_h5ad(smk.input.h5ad)
+    adata = timed("read clustered.h5ad", ad.read_h5ad, smk.input.h5ad)
     io.add_stage_cells(adata, smk.input.stemness)
     io.add_stage_cells(adata, smk.input.pseudotime)
     malignant = getattr(smk.input, "malignant", None)
@@ -26,7 +27,7 @@ def main(smk) -> None:
         adata.obs["malignant"] = adata.obs["malignant"].astype(bool)
     adata.obs["csc_like"] = adata.obs["csc_like"].astype(bool)
     exclude = pw.stemness_genes(smk.input.stemness_info, smk.input.stemness_gene_sets)
-    res = pw.run_pathways(adata, params, species=row["species"], seed=p["seed"], aliases_path=smk.input.aliases,
+    res = timed("pathway scores and statistics", pw.run_pathways, adata, params, species=row["species"], seed=p["seed"], aliases_path=smk.input.aliases,
                           threads=smk.threads, exclude_genes=exclude)
 
     io.write_table_atomic(res.summary, smk.output.summary, index=False)

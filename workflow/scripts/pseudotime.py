@@ -6,6 +6,7 @@ OBS_WRITTEN = ["pseudotime", "pseudotime_reachable"]
 
 
 def main(smk) -> None:
+    from metastem._timing import timed  # one log line per step: time and peak RSS
     from metastem import io
     from metastem import plots_pseudotime as plots
     from metastem import pseudotime as pt
@@ -17,12 +18,12 @@ def main(smk) -> None:
     adata = io.read_h5ad_without_X(smk.input.h5ad)  # DPT and PAGA use the graph, never X
     io.add_stage_cells(adata, smk.input.stemness, [STEMNESS_KEY])
     adata.obs[STEMNESS_KEY] = adata.obs[STEMNESS_KEY].astype(float)
-    pt.pseudotime(adata, **params, stemness_key=STEMNESS_KEY, labels_key=row["labels"] or None,
+    timed("diffusion map, DPT", pt.pseudotime, adata, **params, stemness_key=STEMNESS_KEY, labels_key=row["labels"] or None,
                   random_state=p["seed"])
     info = pt.pseudotime_info(adata)
     truth = "true_pseudotime" if "true_pseudotime" in adata.obs.columns else None
-    diagnostics = pt.pseudotime_diagnostics(adata, stemness_key=STEMNESS_KEY, truth_key=truth)
-    pt.paga(adata, paga_umap_max_cells=umap_max_cells, min_dist=p["cluster"]["umap_min_dist"],
+    diagnostics = timed("pseudotime diagnostics", pt.pseudotime_diagnostics, adata, stemness_key=STEMNESS_KEY, truth_key=truth)
+    timed("PAGA", pt.paga, adata, paga_umap_max_cells=umap_max_cells, min_dist=p["cluster"]["umap_min_dist"],
             random_state=p["seed"])
     paga = pt.paga_summary(adata, stemness_key=STEMNESS_KEY)
     if adata.n_obs > umap_max_cells:

@@ -3,6 +3,7 @@ from metastem.smk import run
 
 
 def main(smk) -> None:
+    from metastem._timing import timed  # one log line per step: time and peak RSS
     import json
 
     from metastem import io, plots, qc
@@ -12,7 +13,7 @@ def main(smk) -> None:
     row, p = smk.params.row, smk.params.params
     adata = io.read_dataset(row, p)
     try:
-        filtered, cells, info = qc.run_qc(adata, p["qc"], values=row["values"], species=row["species"], seed=p["seed"])
+        filtered, cells, info = timed("QC metrics, doublets, filters", qc.run_qc, adata, p["qc"], values=row["values"], species=row["species"], seed=p["seed"])
     except MetastemError as err:
         raise err.with_context(file=row["path"] or "(simulated)")
     filtered.uns["metastem"] = {"dataset": row["dataset"], "species": row["species"], "values": row["values"],

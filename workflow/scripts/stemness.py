@@ -19,6 +19,7 @@ def per_cell_table(adata):
 
 
 def main(smk) -> None:
+    from metastem._timing import timed  # one log line per step: time and peak RSS
     import anndata as ad
     import pandas as pd
 
@@ -28,7 +29,7 @@ def main(smk) -> None:
     from metastem.smk import write_json_atomic
 
     row, p = smk.params.row, smk.params.params
-    adata = ad.read_h5ad(smk.input.h5ad)
+    adata = timed("read clustered.h5ad", ad.read_h5ad, smk.input.h5ad)
     s = p["stemness"]
     # malignant calls first: the score orders malignant cells by a signature learned among them (compartment_key)
     malignant = getattr(smk.input, "malignant", None)  # rules.malignant.output.cells
@@ -36,11 +37,11 @@ def main(smk) -> None:
         io.add_stage_cells(adata, malignant if isinstance(malignant, str) else malignant[0], ["malignant"])
         adata.obs["malignant"] = adata.obs["malignant"].astype(bool)
     csc_keys = ("csc_groupby", "csc_rule")  # read by csc.call_csc_like below, not by the score
-    info = stemness.score_stemness(adata, species=row["species"], seed=p["seed"],
+    info = timed("stemness score", stemness.score_stemness, adata, species=row["species"], seed=p["seed"],
                                    **{k: v for k, v in s.items() if k not in csc_keys})
     # CSC-like: each sample's own most stem-like MALIGNANT cells (issue 15), replacing the dataset-wide call
     if info.get("status", "computed") == "computed":
-        csc.call_csc_like(adata, groupby=s["csc_groupby"], quantile=s["csc_quantile"], rule=s["csc_rule"],
+        timed("CSC-like calls", csc.call_csc_like, adata, groupby=s["csc_groupby"], quantile=s["csc_quantile"], rule=s["csc_rule"],
                           seed=p["seed"])
         info["csc"] = csc.csc_summary(adata)
         info["n_csc_like"], info["csc_threshold"] = info["csc"]["n_csc_like"], None  # one threshold per sample
