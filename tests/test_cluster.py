@@ -73,9 +73,12 @@ def test_oligodendroglioma_tpm_cluster(shared_datasets, defaults):
     assert frac.min() < 0.2 and frac.max() > 0.8
 
 
-def test_pynndescent_graph_at_5000_cells(defaults):
-    """From 4096 cells scanpy uses pynndescent; 0.7 returns csr_array and breaks scanpy 1.11 (getnnz)."""
+def test_pynndescent_graph_at_5000_cells(defaults, monkeypatch):
+    """Above cluster.EXACT_KNN_MAX_CELLS (and from 4096 cells) scanpy uses pynndescent; 0.7 returns csr_array and
+    breaks scanpy 1.11 (getnnz). The threshold is lowered here so that 5000 cells take that path."""
     import pynndescent
+
+    monkeypatch.setattr(cluster, "EXACT_KNN_MAX_CELLS", 0)
     from packaging.version import Version
 
     from metastem.simulate import simulate_tumour
@@ -91,6 +94,27 @@ def test_pynndescent_graph_at_5000_cells(defaults):
         assert sp.issparse(g) and g.shape == (adata.n_obs, adata.n_obs)
         assert g.nnz >= adata.n_obs * (defaults["cluster"]["n_neighbors"] - 1)
     assert "knn_component" in adata.obs and isinstance(notes, list)
+
+
+def test_exact_graph_below_the_threshold_has_the_true_neighbours(defaults):
+    """Up to EXACT_KNN_MAX_CELLS the graph is exact (no pynndescent JIT): every cell's neighbours in
+    obsp['distances'] are its true nearest neighbours in the representation the graph was built on."""
+    from sklearn.neighbors import NearestNeighbors
+
+    from metastem.simulate import simulate_tumour
+
+    adata = simulate_tumour(5000, 1000, seed=1, frac_doublets=0.0, frac_low_quality=0.0, n_samples=1,
+                            frac_normal=0.0, n_cnv_arms=0)
+    assert 4096 < adata.n_obs <= cluster.EXACT_KNN_MAX_CELLS
+    cluster.normalize(adata, values="counts", target_sum=1e4)
+    cluster.build_graph(adata, {**defaults["cluster"], "n_top_genes": 500, "n_pcs": 20}, seed=0)
+    k = defaults["cluster"]["n_neighbors"]
+    rep = adata.obsm["X_pca"][:, :20]
+    _, truth = NearestNeighbors(n_neighbors=k).fit(rep).kneighbors(rep)
+    D = adata.obsp["distances"].tocsr()
+    rows = np.random.default_rng(0).choice(adata.n_obs, 200, replace=False)
+    recall = np.mean([len(set(D[i].indices) & set(truth[i][1:])) / (k - 1) for i in rows])
+    assert recall > 0.99, recall
 
 
 def _two_worlds(n=150, n_genes=200, seed=0):

@@ -15,6 +15,8 @@ from metastem.errors import MetastemError
 
 log = logging.getLogger(__name__)
 
+EXACT_KNN_MAX_CELLS = 50_000  # exact kNN graph up to this many cells, pynndescent above (see build_graph)
+
 
 def normalize(adata: ad.AnnData, *, values: str, target_sum: float) -> str:
     """Bring X to log-normalised values, in place.
@@ -159,8 +161,13 @@ def build_graph(adata: ad.AnnData, params: dict, seed: int = 0) -> list[str]:
     n_neighbors = min(params["n_neighbors"], adata.n_obs - 1)
     if n_neighbors < params["n_neighbors"]:
         notes.append(f"n_neighbors reduced to {n_neighbors} ({adata.n_obs} cells)")
+    # Exact neighbours (sklearn, as scanpy itself does below 4096 cells) up to EXACT_KNN_MAX_CELLS: no
+    # uncacheable pynndescent JIT (measured at 21k cells: 1.4 s instead of 8.9 s; Leiden ARI 0.85 against the
+    # approximate graph, as between two seeds); above it exact search grows with the square of the cells.
+    exact = adata.n_obs <= EXACT_KNN_MAX_CELLS
     with graph_only_nndescent():
-        sc.pp.neighbors(adata, n_neighbors=n_neighbors, n_pcs=n_pcs, use_rep=use_rep, random_state=seed)
+        sc.pp.neighbors(adata, n_neighbors=n_neighbors, n_pcs=n_pcs, use_rep=use_rep, random_state=seed,
+                        transformer="sklearn" if exact else None)
     n_comp, labels = connected_components(adata.obsp["connectivities"], directed=False)
     # components numbered by size (largest = '0'), so the labels do not depend on cell order
     sizes = np.bincount(labels)
