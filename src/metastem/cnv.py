@@ -558,10 +558,7 @@ def plot_cnv_heatmap(adata: ad.AnnData, *, sample_key: str = Obs.SAMPLE, key: st
     ax.set_xlabel("genomic position (chromosomes 1-22, running windows)")
     fig.colorbar(im, ax=ax, fraction=0.025, pad=0.01, label="inferred CNV (log ratio vs reference)")
     ax.set_title(f"Inferred copy-number profiles ({len(order)} of {adata.n_obs} cells)", pad=14)
-    if save:
-        plots.save(fig, save)
-        return None
-    return fig if return_fig else None
+    return plots.finish(fig, save, return_fig)
 
 
 def plot_cnv_score_umap(adata: ad.AnnData, *, key: str = Obs.MALIGNANT, basis: str = "X_umap", ax=None,
@@ -583,7 +580,4 @@ def plot_cnv_score_umap(adata: ad.AnnData, *, key: str = Obs.MALIGNANT, basis: s
     if len(axes) > 1:
         plots.scatter_embedding(axes[1], xy, adata.obs[key].map({True: "malignant", False: "normal"}).astype(str),
                                 f"call ({adata.obs[Obs.MALIGNANT_EVIDENCE].iloc[0]})")
-    if save:
-        plots.save(fig, save)
-        return None
-    return fig if return_fig else None
+    return plots.finish(fig, save, return_fig)

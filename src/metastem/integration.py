@@ -208,11 +208,7 @@ def plot_sample_mixing(shares: pd.DataFrame, *, ax=None, return_fig: bool = Fals
     ax.set_ylim(0, 1)
     ax.set_title(title)
     ax.legend(title="sample", fontsize=7, loc="center left", bbox_to_anchor=(1, 0.5))
-    if save:
-        plots.save(fig, save)
-    if return_fig:
-        return fig
-    return None
+    return plots.finish(fig, save, return_fig)
 
 
 def plot_integration(adata: ad.AnnData, shares: pd.DataFrame, *, sample_key: str = "sample",
@@ -232,8 +228,4 @@ def plot_integration(adata: ad.AnnData, shares: pd.DataFrame, *, sample_key: str
         axes[0].get_legend().remove()
     plot_sample_mixing(shares, ax=axes[1])
     fig.tight_layout()
-    if save:
-        plots.save(fig, save)
-    if return_fig:
-        return fig
-    return None
+    return plots.finish(fig, save, return_fig)

@@ -38,22 +38,18 @@ def category_colors(n: int) -> list[str]:
 
 def save(fig: plt.Figure, path: str | os.PathLike) -> None:
     """Save atomically (temporary name, then rename) and close."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    fig.savefig(tmp, bbox_inches="tight")
-    plt.close(fig)
-    os.replace(tmp, path)
+    finish(fig, path)
 
 
-def finish(fig: plt.Figure, save: str | os.PathLike | None = None, return_fig: bool = False) -> plt.Figure | None:
+def finish(fig: plt.Figure, save: str | os.PathLike | None = None, return_fig: bool = False, *,
+           dpi: float | None = None) -> plt.Figure | None:
     """End a figure the way every ``ms.pl`` function does: saved only when ``save`` names a file (atomically),
     returned when ``return_fig``, otherwise closed once saved (a notebook shows it before that)."""
     if save is not None:
         path = Path(save)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-        fig.savefig(tmp, bbox_inches="tight")
+        fig.savefig(tmp, bbox_inches="tight", **({"dpi": dpi} if dpi else {}))
         os.replace(tmp, path)
     if return_fig:
         return fig

@@ -12,7 +12,6 @@ import numpy as np
 import pandas as pd
 
 from metastem.plots import OKABE_ITO, apply_style, finish, plt
-from metastem.plots import save as _save
 
 LINESTYLES = ["-", "--", ":", "-."]
 # Okabe-Ito without its yellow, which is too pale for thin lines on white.
@@ -170,6 +169,4 @@ def plot_pathway_effects(details: pd.DataFrame, per_sample: pd.DataFrame, *, ax=
                           f"{'s' if n_samples != 1 else ''}), grey = matched null 95 %", fontsize=9)
     if df.empty:
         ax.text(0.5, 0.5, "no set with a reliable score", ha="center", va="center", transform=ax.transAxes)
-    if save is not None:
-        _save(fig, save)  # closes the figure
-    return fig if return_fig else None
+    return finish(fig, save, return_fig)

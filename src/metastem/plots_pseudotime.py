@@ -7,7 +7,6 @@ and said to be unreachable, never coloured as if they were late.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import anndata as ad
 import matplotlib.pyplot as plt
@@ -15,20 +14,9 @@ import numpy as np
 from scipy.stats import spearmanr
 
 from metastem._keys import Obs, Obsm, Uns
-from metastem.plots import CONTINUOUS_CMAP, OKABE_ITO, apply_style, save as _save_and_close
+from metastem.plots import CONTINUOUS_CMAP, OKABE_ITO, apply_style, finish
 
 UNREACHABLE_GREY = "#BBBBBB"
-
-
-def _finish(fig: plt.Figure, save: str | os.PathLike | None, return_fig: bool) -> plt.Figure | None:
-    """scanpy's convention: write only when ``save`` names a file; return the Figure when asked."""
-    if save is not None:
-        if not return_fig:
-            _save_and_close(fig, save)
-            return None
-        Path(save).parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(save, bbox_inches="tight")
-    return fig if return_fig else None
 
 
 def _axes(ax: plt.Axes | None, figsize: tuple[float, float]) -> tuple[plt.Figure, plt.Axes]:
@@ -86,7 +74,7 @@ def plot_pseudotime_embedding(adata: ad.AnnData, *, basis: tuple[str, ...] = (Ob
     for panel, b in zip(axes, bases):
         sc = _embedding_panel(panel, np.asarray(adata.obsm[b])[:, :2], pt, root, titles.get(b, b), idx)
     fig.colorbar(sc, ax=axes, shrink=0.7, label="pseudotime (0 = root)")
-    return _finish(fig, save, return_fig)
+    return finish(fig, save, return_fig)
 
 
 def plot_paga_graph(adata: ad.AnnData, *, root_cluster: str | None = None, stemness_key: str = Obs.STEMNESS,
@@ -137,7 +125,7 @@ def plot_paga_graph(adata: ad.AnnData, *, root_cluster: str | None = None, stemn
     ax.margins(0.18)  # node discs are drawn in points: keep the outermost ones inside the axes
     ax.set_xticks([])
     ax.set_yticks([])
-    return _finish(fig, save, return_fig)
+    return finish(fig, save, return_fig)
 
 
 def binned_trend(x: np.ndarray, y: np.ndarray, n_bins: int = 20) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -176,4 +164,4 @@ def plot_stemness_along_pseudotime(adata: ad.AnnData, *, stemness_key: str = Obs
     ax.set_xlabel("pseudotime (0 = root)")
     ax.set_ylabel(stemness_key)
     ax.legend(fontsize=7, loc="best")
-    return _finish(fig, save, return_fig)
+    return finish(fig, save, return_fig)

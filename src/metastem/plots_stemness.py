@@ -18,6 +18,8 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from scipy.stats import spearmanr  # noqa: E402
 
+from metastem.plots import finish  # noqa: E402
+
 OKABE_ITO = ["#E69F00", "#56B4E9", "#009E73", "#F0E442", "#0072B2", "#D55E00", "#CC79A7", "#000000"]
 CONTINUOUS = "viridis"
 
@@ -31,17 +33,14 @@ def _axes(ax: plt.Axes | None, figsize: tuple[float, float]) -> tuple[plt.Figure
 
 
 def _finish(fig: plt.Figure, save: str | os.PathLike | None, return_fig: bool, own: bool) -> plt.Figure | None:
-    """Write the figure when ``save`` is given; return it when ``return_fig``; else close a figure made here."""
-    if save is not None:
-        os.makedirs(os.path.dirname(os.fspath(save)) or ".", exist_ok=True)
-        if own:
-            fig.tight_layout()
-        fig.savefig(save, dpi=150)
-    if return_fig:
-        return fig
-    if own:
+    """Write the figure when ``save`` is given (atomically, plots.finish); return it when ``return_fig``; else
+    close a figure made here."""
+    if save is not None and own:
+        fig.tight_layout()
+    out = finish(fig, save, return_fig, dpi=150)
+    if out is None and own and save is None:
         plt.close(fig)
-    return None
+    return out
 
 
 def _not_scored(adata: ad.AnnData) -> str | None:
