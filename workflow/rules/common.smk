@@ -17,19 +17,20 @@ def _workflow_version() -> str:
 
 
 # The rules' Python is the installed metastem package; it must be the workflow's own version.
+WORKFLOW_VERSION = _workflow_version()
 try:
     import metastem
 except ImportError:
     metastem = None
-if metastem is None or metastem.__version__ != _workflow_version():
+if metastem is None or metastem.__version__ != WORKFLOW_VERSION:
     sys.exit(
-        f"metastem: this workflow is metastem {_workflow_version()} but "
+        f"metastem: this workflow is metastem {WORKFLOW_VERSION} but "
         + (
             "the metastem package is not installed"
             if metastem is None
             else f"the installed metastem package is {metastem.__version__} ({Path(metastem.__file__).parent})"
         )
-        + f". Fix: pip install 'metastem=={_workflow_version()}' into the environment that runs snakemake "
+        + f". Fix: pip install 'metastem=={WORKFLOW_VERSION}' into the environment that runs snakemake "
         "(from a checkout of the same tag: pip install .), or run with --sdm conda."
     )
 
