@@ -220,14 +220,19 @@ def subsample_per_group(groups: np.ndarray, max_per_group: int | None, seed: int
 
 def marker_genes(adata: ad.AnnData, n_genes: int, *, max_cells_per_cluster: int | None = None,
                  seed: int = 0, key_added: str | None = None) -> pd.DataFrame:
-    """Wilcoxon markers per Leiden cluster as a tidy table.
+    """Wilcoxon markers per Leiden cluster (each against all other cells) as a tidy table.
 
-    With ``max_cells_per_cluster``, each cluster is subsampled (seeded) to at most that many cells:
-    the test's cost grows with cells times genes, while a few hundred cells per cluster already rank
-    its markers stably. Runs on a lightweight AnnData, so ``adata`` is left untouched, except that
-    with ``key_added`` scanpy's result is stored in ``adata.uns[key_added]`` (h5ad-writable).
+    The statistics are scanpy's ``rank_genes_groups(method='wilcoxon', reference='rest', pts=True)``
+    computed from the stored values of the sparse matrix (:mod:`metastem.markers`: ~3 s instead of ~22 s
+    at 21k cells x 20k genes, equal to scanpy's to float precision, tested). With ``max_cells_per_cluster``,
+    each cluster is subsampled (seeded) to at most that many cells: a few hundred cells per cluster
+    already rank its markers stably. ``adata`` is left untouched, except that with ``key_added`` the
+    result is stored in ``adata.uns[key_added]`` in scanpy's layout (``sc.pl.rank_genes_groups_*`` and
+    ``sc.get.rank_genes_groups_df`` read it; h5ad-writable).
     """
     import scanpy as sc
+
+    from metastem import markers
 
     sizes = adata.obs["leiden"].value_counts()
     groups = [str(g) for g in adata.obs["leiden"].cat.categories if sizes.get(g, 0) >= 2]
@@ -237,16 +242,18 @@ def marker_genes(adata: ad.AnnData, n_genes: int, *, max_cells_per_cluster: int 
     if len(groups) < adata.obs["leiden"].nunique():
         log.warning("marker genes skipped for single-cell clusters: %s",
                     ", ".join(str(g) for g in sizes.index if sizes[g] < 2))
-    keep = subsample_per_group(adata.obs["leiden"].cat.codes.to_numpy(), max_cells_per_cluster, seed)
-    light = ad.AnnData(X=adata.X[keep], obs=adata.obs[["leiden"]].iloc[keep],
-                       var=pd.DataFrame(index=adata.var_names))
-    light.uns["log1p"] = dict(adata.uns.get("log1p", {"base": None}))  # fold changes need the log base
-    sc.tl.rank_genes_groups(light, groupby="leiden", groups=groups, reference="rest", method="wilcoxon",
-                            use_raw=False, pts=True, key_added="markers")
-    df = sc.get.rank_genes_groups_df(light, group=None, key="markers")
-    if key_added:  # scanpy's own result, so that sc.pl.rank_genes_groups_* work on the written file
-        adata.uns[key_added] = {k: v for k, v in light.uns["markers"].items()}
-        adata.uns[key_added]["params"] = {k: v for k, v in light.uns["markers"]["params"].items() if v is not None}
+    in_groups = adata.obs["leiden"].astype(str).isin(groups).to_numpy()  # scanpy's rest: cells of the tested groups
+    codes = np.where(in_groups, adata.obs["leiden"].cat.codes.to_numpy(), -1)
+    keep = subsample_per_group(codes, max_cells_per_cluster, seed)
+    keep = keep[codes[keep] >= 0]
+    labels = pd.Categorical(adata.obs["leiden"].astype(str).to_numpy()[keep], categories=groups)
+    base = adata.uns.get("log1p", {}).get("base")  # fold changes need the log base
+    result = markers.wilcoxon_vs_rest(adata.X[keep], labels, var_names=adata.var_names, log_base=base)
+    uns = markers.as_rank_genes_groups(result, groupby="leiden")
+    if key_added:  # scanpy's layout, so that sc.pl.rank_genes_groups_* work on the written file
+        adata.uns[key_added] = uns
+    df = sc.get.rank_genes_groups_df(ad.AnnData(obs=pd.DataFrame(index=adata.obs_names[:0]), uns={"markers": uns}),
+                                     group=None, key="markers")
     df = df.sort_values(["group", "scores", "names"], ascending=[True, False, True], kind="mergesort")
     df = df.groupby("group", observed=True).head(n_genes)
     df = df.rename(columns={"group": "cluster", "names": "gene", "logfoldchanges": "log2fc",
