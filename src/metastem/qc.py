@@ -12,8 +12,8 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
+from scipy.sparse.linalg import ArpackError
 
-from metastem._numba_cache import graph_only_nndescent
 from metastem.blocks import BLOCK_ROWS, row_block, row_blocks
 from metastem.errors import MetastemError
 
@@ -144,14 +144,13 @@ SCRUBLET_MAX_CELLS = 50_000
 
 def call_doublets(adata: ad.AnnData, expected_rate: float, seed: int, sim_ratio: float
                   ) -> tuple[np.ndarray, np.ndarray, float]:
-    """Scrublet doublet scores and calls on raw counts. Falls back to the expected-rate quantile
-    when scrublet cannot find a threshold in a unimodal score histogram."""
-    import scanpy as sc
+    """Scrublet doublet scores and calls on raw counts (:func:`metastem.doublets.scrublet_scores`). Falls
+    back to the expected-rate quantile when no threshold separates the simulated doublets' scores."""
+    from metastem import doublets
 
-    # Linear in cells: scrublet's default mean-centring densifies (cells + simulated) x HVGs in float64
-    # (5 GB at 10k cells, >24 GB at 50k), and its default 0.5*sqrt(cells) neighbours (x(1 + sim_ratio) with
-    # the simulated doublets) make the kNN search superlinear. Sparse truncated SVD and 30 neighbours keep both O(nnz);
-    # random blocks of at most SCRUBLET_MAX_CELLS cells bound its memory (~10 GB at 100k cells in one go).
+    # Linear in cells: no mean-centring (which densifies cells x HVGs), 30 neighbours (scrublet's default
+    # 0.5*sqrt(cells) makes the kNN search superlinear); random blocks of at most SCRUBLET_MAX_CELLS cells
+    # bound its memory.
     n = adata.n_obs
     n_blocks = -(-n // SCRUBLET_MAX_CELLS)
     block = np.random.default_rng(seed).permutation(n) % n_blocks if n_blocks > 1 else np.zeros(n, dtype=int)
@@ -159,17 +158,11 @@ def call_doublets(adata: ad.AnnData, expected_rate: float, seed: int, sim_ratio:
     thresholds = []
     for b in range(n_blocks):
         idx = np.flatnonzero(block == b)
-        tmp = ad.AnnData(X=adata.X[idx] if n_blocks > 1 else adata.X)
-        # Exact neighbours are faster than pynndescent (and its JIT) until the simulated-doublet-augmented
-        # data reach ~60k cells (measured at 21k cells = 42k augmented: 13.6 s vs 23.6 s wall, 14 vs 29 s CPU,
-        # 586 vs 587 doublets, scores r = 0.9999); beyond that approximate search keeps the cost linear.
-        with graph_only_nndescent():
-            sc.pp.scrublet(tmp, expected_doublet_rate=expected_rate, random_state=seed, verbose=False,
-                           use_approx_neighbors=idx.size * (1 + sim_ratio) > 60000, mean_center=False,
-                           n_neighbors=min(30, max(5, idx.size // 10)), sim_doublet_ratio=sim_ratio)
-        scores[idx] = tmp.obs["doublet_score"].to_numpy()
-        thresholds.append(tmp.uns.get("scrublet", {}).get("threshold"))
-        del tmp
+        result = doublets.scrublet_scores(adata.X[idx] if n_blocks > 1 else adata.X, expected_rate=expected_rate,
+                                          sim_ratio=sim_ratio, n_neighbors=min(30, max(5, idx.size // 10)),
+                                          seed=seed)
+        scores[idx] = result["scores"]
+        thresholds.append(result["threshold"])
     finite = [t for t in thresholds if t is not None and np.isfinite(t)]
     threshold = float(np.median(finite)) if len(finite) == n_blocks else None
     # On a homogeneous population the simulated doublets look like real cells and scrublet's automatic
@@ -275,7 +268,7 @@ def run_qc(adata: ad.AnnData, qc: dict, *, values: str, species: str, seed: int 
             try:
                 scores, calls, doublet_by[name] = call_doublets(adata[idx] if multi else adata, qc["doublet_rate"],
                                                                 seed, qc["doublet_sim_ratio"])
-            except (ValueError, np.linalg.LinAlgError) as exc:  # degenerate data (e.g. too few genes)
+            except (ValueError, np.linalg.LinAlgError, ArpackError) as exc:  # degenerate data (e.g. too few genes)
                 notes.append(f"{where}doublet detection skipped: scrublet failed on these data "
                              f"({type(exc).__name__}: {exc})")
             else:
