@@ -34,7 +34,8 @@ __all__ = ["call_csc_like", "choose_root", "cluster", "csc_summary", "harmony", 
 
 
 def cluster(adata: ad.AnnData, *, n_top_genes: int = 2000, n_pcs: int = 30, n_neighbors: int = 15,
-            resolution: float = 1.0, umap_min_dist: float = 0.5, integration: str = "harmony",
+            resolution: float = 1.0, umap_min_dist: float = 0.5, umap_n_epochs: int | None = None,
+            integration: str = "harmony",
             batch_key: str = Obs.SAMPLE, harmony_theta: float = 2.0, harmony_max_iter: int = 10, seed: int = 0,
             key_added: str = Obs.LEIDEN) -> list[str]:
     """Variable genes, PCA, the kNN graph, UMAP and Leiden clusters, in place.
