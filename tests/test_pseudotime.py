@@ -425,3 +425,71 @@ def test_annotations_make_sc_pl_paga_work(demo_run, tmp_path):
     sc.pl.paga(final, color="pseudotime", show=False)
     plt.close("all")
     np.testing.assert_allclose(final.obs["pseudotime"], adata.obs["pseudotime"])
+
+
+def _run_rule_script(repo, tmp_path, adata, stemness, params: dict, extra_inputs: dict | None = None) -> dict:
+    """workflow/scripts/pseudotime.py end to end on ``adata`` (as clustered.h5ad) and a stemness table."""
+    import runpy
+    from types import SimpleNamespace
+
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    adata.write_h5ad(tmp_path / "clustered.h5ad")
+    stemness.to_csv(tmp_path / "stemness.tsv.gz", sep="\t", index_label="cell")
+    out = {"cells": "pseudotime/cells.tsv.gz", "paga": "pseudotime/paga.json", "info": "pseudotime/info.json",
+           "annotations": "pseudotime/annotations.h5ad", "diagnostics": "tables/pseudotime_diagnostics.tsv",
+           "by_sample": "tables/pseudotime_by_sample.tsv", "umap": "figures/pseudotime_umap.png",
+           "paga_figure": "figures/pseudotime_paga.png", "trend": "figures/pseudotime_stemness.png",
+           "malignant_figure": "figures/pseudotime_malignant.png"}
+    out = {k: str(tmp_path / v) for k, v in out.items()}
+    inputs = {"h5ad": str(tmp_path / "clustered.h5ad"), "stemness": str(tmp_path / "stemness.tsv.gz"),
+              **(extra_inputs or {})}
+    smk = SimpleNamespace(input=SimpleNamespace(**inputs), output=SimpleNamespace(**out),
+                          params=SimpleNamespace(row={"species": "human", "labels": ""}, params=params),
+                          log=[str(tmp_path / "pseudotime.log")], threads=1, rule="pseudotime",
+                          wildcards=SimpleNamespace(dataset="tiny"), scriptdir="workflow/scripts")
+    runpy.run_path(str(repo / "workflow/scripts/pseudotime.py"), init_globals={"snakemake": smk})
+    return out
+
+
+def test_no_stemness_and_no_root_writes_honest_skipped_outputs(demo_clustered, defaults, repo, tmp_path):
+    """stemness.required: false left stemness all NaN and pseudotime.root is 'auto': the stage completes with
+    a reason naming both settings, NaN / False columns, tables with headers, empty figures with a note each and
+    an annotations file the final rule can join. With a root set it runs as usual."""
+    import anndata as ad
+
+    adata = demo_clustered.copy()
+    adata.obs["stemness"] = np.nan
+    assert pt.skip_reason(adata, root="cluster:0") is None and pt.skip_reason(demo_clustered) is None
+    reason = pt.skip_reason(adata)
+    assert "stemness.required" in reason and "pseudotime.root" in reason
+    stemness = pd.DataFrame({"stemness": np.nan, "csc_like": False}, index=adata.obs_names)
+    params = {"pseudotime": dict(defaults["pseudotime"]), "cluster": defaults["cluster"], "seed": 0}
+    out = _run_rule_script(repo, tmp_path, adata, stemness, params)
+    info = json.loads(open(out["info"]).read())
+    assert info["skipped"] == reason and reason in info["notes"]
+    assert set(info["figure_notes"]) == {"pseudotime_umap", "pseudotime_paga", "pseudotime_stemness"}
+    for stem in info["figure_notes"]:
+        assert (tmp_path / "figures" / f"{stem}.png").stat().st_size == 0
+    cells = pd.read_csv(out["cells"], sep="\t", index_col=0)
+    assert list(cells.index) == list(adata.obs_names) and cells["pseudotime"].isna().all()
+    assert not cells["pseudotime_reachable"].any()
+    assert list(pd.read_csv(out["diagnostics"], sep="\t").columns) == ["metric", "value", "note"]
+    assert json.loads(open(out["paga"]).read())["skipped"] == reason
+    ann = ad.read_h5ad(out["annotations"])
+    assert ann.shape == (adata.n_obs, 0) and ann.obs["pseudotime"].isna().all()
+    from metastem.pathways import prepare_final
+
+    final = ad.AnnData(obs=adata.obs[["leiden"]].copy(), obsm={"X_umap": adata.obsm["X_umap"]})
+    prepare_final(final, annotations=out["annotations"])
+    assert "X_diffmap" not in final.obsm and "iroot" not in final.uns
+
+    # a root given: pseudotime as usual, no stemness needed
+    params["pseudotime"]["root"] = f"cluster:{adata.obs['leiden'].cat.categories[0]}"
+    params["pseudotime"]["paga_umap_max_cells"] = 0
+    out = _run_rule_script(repo, tmp_path / "rooted", adata, stemness, params)
+    info = json.loads(open(out["info"]).read())
+    assert "skipped" not in info and info["n_reachable"] > 0
+    assert pd.read_csv(out["cells"], sep="\t", index_col=0)["pseudotime"].notna().all()
+    assert list(info["figure_notes"]) == ["pseudotime_stemness"]  # no stemness to draw along it
+    assert (tmp_path / "rooted/figures/pseudotime_stemness.png").stat().st_size == 0
+    assert (tmp_path / "rooted/figures/pseudotime_umap.png").stat().st_size > 5000

@@ -139,6 +139,18 @@ def binned_trend(x: np.ndarray, y: np.ndarray, n_bins: int = 20) -> tuple[np.nda
     return centre, q[:, 1], q[:, [0, 2]]
 
 
+def stemness_trend_missing(adata: ad.AnnData, *, stemness_key: str = Obs.STEMNESS, key: str = Obs.PSEUDOTIME
+                           ) -> str | None:
+    """The sentence for the report when :func:`plot_stemness_along_pseudotime` has nothing to draw (no cell
+    with both a stemness score and a pseudotime, e.g. stemness not computed and the root set in the
+    config), else None."""
+    s = adata.obs[stemness_key].to_numpy(dtype=float) if stemness_key in adata.obs else np.full(adata.n_obs, np.nan)
+    if (np.isfinite(s) & np.isfinite(adata.obs[key].to_numpy(dtype=float))).sum() >= 2:
+        return None
+    return (f"No cell has both a {stemness_key} score and a pseudotime (the stemness stage computed no score), "
+            "so stemness along pseudotime cannot be drawn.")
+
+
 def plot_stemness_along_pseudotime(adata: ad.AnnData, *, stemness_key: str = Obs.STEMNESS,
                                    key: str = Obs.PSEUDOTIME, max_points: int = 50000, random_state: int = 0,
                                    ax: plt.Axes | None = None, return_fig: bool = False,

@@ -460,10 +460,53 @@ def pseudotime(adata: ad.AnnData, *, root: str | None = "auto", method: str = "d
     return adata if copy else None
 
 
+def skip_reason(adata: ad.AnnData, *, root: str | None = "auto", stemness_key: str = Obs.STEMNESS) -> str | None:
+    """Why no pseudotime can be computed here, as one sentence for the report, or None when it can.
+
+    The automatic root is chosen from stemness; when the stemness stage computed none (its column is
+    there but all NaN: ``stemness.required: false`` on data where no score was possible, e.g. a gene
+    panel) and no root is set, there is no start to order cells from. Guessing one would be a silent
+    choice, so the stage writes honest empty outputs instead (:func:`skip_pseudotime`). A missing
+    stemness column is not this case: :func:`pseudotime` refuses it (the stage was not run).
+    """
+    kind, _ = parse_root(root)
+    if kind != "auto" or stemness_key not in adata.obs.columns:
+        return None
+    if np.isfinite(adata.obs[stemness_key].to_numpy(dtype=float)).any():
+        return None
+    return ("Pseudotime was not computed: the stemness stage computed no stemness (stemness.required is false and no "
+            "stemness score was possible on these data) and pseudotime.root is 'auto', which roots the trajectory in "
+            "the most stem-like cells; set pseudotime.root to 'label:<value>', 'cluster:<id>' or 'cell:<barcode>' to "
+            "order the cells from a known start.")
+
+
+def skip_pseudotime(adata: ad.AnnData, reason: str, *, key_added: str = Obs.PSEUDOTIME, copy: bool = False
+                    ) -> ad.AnnData | None:
+    """Record that no pseudotime was computed, for ``reason`` (see :func:`skip_reason`); in place.
+
+    Writes ``obs[key_added]`` all NaN and ``obs[key_added + '_reachable']`` all False (the per-cell
+    table keeps its columns, so later stages read it as usual and find no time), and ``uns[key_added]``
+    with ``skipped`` (the reason), ``notes`` and ``n_cells``; no diffusion map, root or PAGA.
+    :func:`pseudotime_info` and :func:`annotations` read it. Returns the AnnData when ``copy``.
+    """
+    adata = adata.copy() if copy else adata
+    adata.obs[key_added] = np.full(adata.n_obs, np.nan)
+    adata.obs[f"{key_added}_reachable"] = np.zeros(adata.n_obs, dtype=bool)
+    adata.uns[key_added] = {"skipped": str(reason), "method": "dpt", "n_cells": int(adata.n_obs),
+                            "notes": np.array([str(reason)], dtype=object).astype(str)}
+    log.warning(reason)
+    return adata if copy else None
+
+
 def pseudotime_info(adata: ad.AnnData, *, key: str = Obs.PSEUDOTIME, root_key: str = Uns.PSEUDOTIME_ROOT
                     ) -> dict[str, Any]:
-    """JSON-ready summary of a :func:`pseudotime` run (what ``pseudotime/info.json`` and the report hold)."""
+    """JSON-ready summary of a :func:`pseudotime` run (what ``pseudotime/info.json`` and the report hold).
+
+    After :func:`skip_pseudotime` only ``skipped`` (the reason), ``method``, ``n_cells`` and ``notes``."""
     run = adata.uns[key]
+    if "skipped" in run:
+        return {"skipped": str(run["skipped"]), "method": str(run["method"]), "n_cells": int(run["n_cells"]),
+                "notes": [str(n) for n in run["notes"]]}
     root = dict(adata.uns[root_key])
     left_out = json.loads(run["components_left_out_json"])
     return {
@@ -677,12 +720,16 @@ def annotations(adata: ad.AnnData, *, key: str = Obs.PSEUDOTIME) -> ad.AnnData:
     Holds ``obs[key]``, ``obs[key + '_reachable']``, ``obsm['X_diffmap']``, ``uns['paga']``
     (connectivities, connectivities_tree, groups, pos), ``uns['iroot']``, ``uns['diffmap_evals']``:
     what the final AnnData needs for ``sc.pl.paga`` and ``sc.tl.dpt`` (docs/CONTRACTS.md, DAG).
+    After :func:`skip_pseudotime`: the two obs columns only (NaN, False), still a valid file to join.
     """
+    obs = adata.obs[[key, f"{key}_reachable"]].copy()
+    if "skipped" in adata.uns.get(key, {}):  # nothing computed: the obs columns (NaN / False) only
+        return ad.AnnData(obs=obs)
     paga_uns = {k: adata.uns[Uns.PAGA][k] for k in ("connectivities", "connectivities_tree", "groups", "pos")
                 if k in adata.uns[Uns.PAGA]}
     paga_uns["connectivities"] = sp.csr_matrix(paga_uns["connectivities"])
     paga_uns["connectivities_tree"] = sp.csr_matrix(paga_uns["connectivities_tree"])
-    return ad.AnnData(obs=adata.obs[[key, f"{key}_reachable"]].copy(),
+    return ad.AnnData(obs=obs,
                       obsm={Obsm.DIFFMAP: np.asarray(adata.obsm[Obsm.DIFFMAP])},
                       uns={Uns.PAGA: paga_uns, Uns.IROOT: int(adata.uns[Uns.IROOT]),
                            Uns.DIFFMAP_EVALS: np.asarray(adata.uns[Uns.DIFFMAP_EVALS])})

@@ -1,8 +1,35 @@
 """Snakemake wrapper: DPT rooted in stemness, PAGA, diagnostics table, figures and the per-cell table."""
+from pathlib import Path
+
 from metastem.smk import run
 
 STEMNESS_KEY = "stemness"
 OBS_WRITTEN = ["pseudotime", "pseudotime_reachable"]
+
+
+def write_skipped(smk, adata, reason: str) -> None:
+    """Every declared output, saying that nothing was computed: NaN / False columns, tables with their
+    headers, each figure an empty file with its sentence in figure_notes (docs/CONTRACTS.md)."""
+    import pandas as pd
+
+    from metastem import io
+    from metastem import pseudotime as pt
+    from metastem.smk import write_json_atomic
+
+    pt.skip_pseudotime(adata, reason)
+    info = pt.pseudotime_info(adata)
+    figure_notes = {}
+    for path in (smk.output.umap, smk.output.paga_figure, smk.output.trend):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_bytes(b"")
+        figure_notes[Path(path).stem] = ("Not drawn: no pseudotime was computed (no stemness score, and "
+                                         "pseudotime.root is 'auto').")
+    io.write_table_atomic(pd.DataFrame(columns=["metric", "value", "note"]), smk.output.diagnostics, index=False)
+    io.write_table_atomic(adata.obs[OBS_WRITTEN], smk.output.cells, index_label="cell")
+    io.write_h5ad_atomic(pt.annotations(adata), smk.output.annotations)
+    write_json_atomic({"skipped": reason, "nodes": [], "edges": []}, smk.output.paga)
+    write_json_atomic({**info, "figure_notes": figure_notes, "params": smk.params.params["pseudotime"],
+                       "methods": reason}, smk.output.info)
 
 
 def main(smk) -> None:
@@ -18,6 +45,10 @@ def main(smk) -> None:
     adata = io.read_h5ad_without_X(smk.input.h5ad)  # DPT and PAGA use the graph, never X
     io.add_stage_cells(adata, smk.input.stemness, [STEMNESS_KEY])
     adata.obs[STEMNESS_KEY] = adata.obs[STEMNESS_KEY].astype(float)
+    reason = pt.skip_reason(adata, root=params["root"], stemness_key=STEMNESS_KEY)
+    if reason:  # no stemness (stemness.required: false) and no root set: honest empty outputs
+        write_skipped(smk, adata, reason)
+        return
     timed("diffusion map, DPT", pt.pseudotime, adata, **params, stemness_key=STEMNESS_KEY, labels_key=row["labels"] or None,
                   random_state=p["seed"])
     info = pt.pseudotime_info(adata)
@@ -35,12 +66,19 @@ def main(smk) -> None:
 
     plots.plot_pseudotime_embedding(adata, random_state=p["seed"], save=smk.output.umap)
     plots.plot_paga_graph(adata, stemness_key=STEMNESS_KEY, save=smk.output.paga_figure)
-    plots.plot_stemness_along_pseudotime(adata, stemness_key=STEMNESS_KEY, random_state=p["seed"],
-                                         save=smk.output.trend)
+    figure_notes = {}
+    nothing = plots.stemness_trend_missing(adata, stemness_key=STEMNESS_KEY)
+    if nothing:  # a root set in the config, but no stemness to draw along it
+        Path(smk.output.trend).write_bytes(b"")
+        figure_notes[Path(smk.output.trend).stem] = nothing
+    else:
+        plots.plot_stemness_along_pseudotime(adata, stemness_key=STEMNESS_KEY, random_state=p["seed"],
+                                             save=smk.output.trend)
     io.write_table_atomic(diagnostics, smk.output.diagnostics, index=False)
     io.write_table_atomic(adata.obs[OBS_WRITTEN], smk.output.cells, index_label="cell")
     io.write_h5ad_atomic(pt.annotations(adata), smk.output.annotations)
     info["params"] = p["pseudotime"]
+    info["figure_notes"] = figure_notes
     left_out = ""
     if info["n_components_left_out"]:
         left_out = (f" {info['n_unreachable']} cells in {info['n_components_left_out']} kNN component(s) not "
