@@ -79,3 +79,17 @@ def test_negative_values_are_refused():
     X = sp.csr_matrix(np.array([[1.0, -0.5], [0.0, 2.0]]))
     with pytest.raises(ValueError, match="non-negative"):
         markers.rank_sums(X, np.array([0, 1]), 2)
+
+
+def test_two_group_z_is_scipys_tie_corrected_mann_whitney():
+    rng = np.random.default_rng(7)
+    dense = rng.poisson(0.8, (300, 12)).astype(np.float32)
+    dense[:, 5] = 0.0  # constant gene: no rank information
+    in_group = rng.random(300) < 0.2
+    z = markers.wilcoxon_z(sp.csr_matrix(dense), in_group)
+    assert np.isnan(z[5])
+    for j in (0, 3, 11):
+        res = stats.mannwhitneyu(dense[in_group, j], dense[~in_group, j], method="asymptotic", use_continuity=False)
+        u_mean = in_group.sum() * (~in_group).sum() / 2
+        expected = np.sign(res.statistic - u_mean) * stats.norm.isf(res.pvalue / 2)
+        assert z[j] == pytest.approx(expected, rel=1e-6, abs=1e-9)

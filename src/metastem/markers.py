@@ -41,6 +41,7 @@ def _kernel():
         rank_sum = np.zeros((n_groups, n_genes))
         value_sum = np.zeros((n_groups, n_genes))
         nonzero = np.zeros((n_groups, n_genes))
+        ties = np.zeros(n_genes)  # sum of t^3 - t over the runs of equal nonzero values
         for j in numba.prange(n_genes):
             a, b = indptr[j], indptr[j + 1]
             m = b - a
@@ -55,19 +56,22 @@ def _kernel():
                 while k < m and vals[order[k]] == vals[order[i]]:
                     k += 1
                 rank = n_zero + (i + k + 1) / 2.0  # ranks n_zero+i+1 .. n_zero+k, averaged
+                t_len = float(k - i)
+                ties[j] += t_len ** 3 - t_len
                 for t in range(i, k):
                     g = codes[indices[a + order[t]]]
                     rank_sum[g, j] += rank
                     value_sum[g, j] += vals[order[t]]
                     nonzero[g, j] += 1.0
                 i = k
-        return rank_sum, value_sum, nonzero
+        return rank_sum, value_sum, nonzero, ties
 
     return rank_sums_csc
 
 
 def rank_sums(X, codes: np.ndarray, n_groups: int) -> dict[str, np.ndarray]:
-    """Per group x gene: Wilcoxon rank sums over all cells, sums of values and nonzero counts.
+    """Per group x gene: Wilcoxon rank sums over all cells, sums of values and nonzero counts; per gene
+    the tie term sum(t^3 - t) over runs of equal values (zeros included), for the tie-corrected variance.
 
     ``X`` is cells x genes (sparse or dense) with non-negative values; ``codes`` the group of each cell
     (0..n_groups-1). Ranks are those of ``scipy.stats.rankdata`` (average ties) of each gene's column,
@@ -80,11 +84,25 @@ def rank_sums(X, codes: np.ndarray, n_groups: int) -> dict[str, np.ndarray]:
         raise ValueError("rank sums from stored values need non-negative data (log-normalised, not scaled)")
     n_cells = X.shape[0]
     sizes = np.bincount(codes, minlength=n_groups).astype(np.float64)
-    rank_sum, value_sum, nonzero = _kernel()(X.data, X.indices, X.indptr,
-                                             codes.astype(np.int64), n_groups, n_cells)
+    rank_sum, value_sum, nonzero, ties = _kernel()(X.data, X.indices, X.indptr, codes.astype(np.int64),
+                                                   n_groups, n_cells)
     n_zero = n_cells - nonzero.sum(axis=0)
     rank_sum += (sizes[:, None] - nonzero) * (n_zero + 1) / 2.0
-    return {"rank_sum": rank_sum, "value_sum": value_sum, "nonzero": nonzero, "sizes": sizes}
+    ties += n_zero ** 3 - n_zero  # the zeros are one run
+    return {"rank_sum": rank_sum, "value_sum": value_sum, "nonzero": nonzero, "sizes": sizes, "ties": ties}
+
+
+def wilcoxon_z(X, in_group: np.ndarray) -> np.ndarray:
+    """Tie-corrected Mann-Whitney z of each gene, cells in ``in_group`` against the others; NaN for genes
+    constant over all cells. z = (R1 - n1 (N + 1) / 2) / sqrt(T n1 n2 (N + 1) / 12), T = 1 - sum(t^3 - t) / (N^3 - N)."""
+    in_group = np.asarray(in_group, dtype=bool)
+    n, n1 = in_group.size, int(in_group.sum())
+    n2 = n - n1
+    s = rank_sums(X, in_group.astype(np.int64), 2)
+    t = 1.0 - s["ties"] / (float(n) ** 3 - n)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(t > 0, (s["rank_sum"][1] - n1 * (n + 1.0) / 2.0) / np.sqrt(t * n1 * n2 * (n + 1.0) / 12.0),
+                        np.nan)
 
 
 def wilcoxon_vs_rest(X, groups: pd.Categorical | pd.Series, *, var_names: pd.Index,
