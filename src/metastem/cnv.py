@@ -438,14 +438,14 @@ def infer_malignant(adata: ad.AnnData, *, labels_key: str = "",
         if calls is None:
             evidence = "none"
     else:
-        import infercnvpy as cnv  # noqa: F401  (the method; also the 'infercnvpy' implementation)
-
         ref_cats = sorted(set(ref_label[reference]))
         kw = dict(reference_key="ref", reference_cat=ref_cats) if ref_cats else {}
         if not ref_cats:
             notes.append("no reference normal cells: CNV profiles are relative to the average of all cells")
         logging.getLogger("infercnvpy").setLevel(logging.ERROR)
         if implementation == "infercnvpy":
+            import infercnvpy as cnv  # imports scanpy (~3 s): only when asked for
+
             cnv.tl.infercnv(work, window_size=window_size, step=step, n_jobs=n_jobs, chunksize=chunksize, **kw)
         else:
             infercnv_matrix(work, window_size=window_size, step=step, chunksize=chunksize, **kw)
