@@ -23,7 +23,7 @@ def main(smk) -> None:
     for path, draw, needs in ((smk.output.heatmap, cnv.plot_cnv_heatmap, "X_cnv"),
                               (smk.output.umap, cnv.plot_cnv_score_umap, "X_umap")):
         if needs in adata.obsm:
-            draw(adata, save=path)
+            timed(f"figure {Path(path).stem}", draw, adata, save=path)
         else:
             Path(path).write_bytes(b"")  # nothing to draw: the sentence goes to the report
             figure_notes[Path(path).stem] = ("no CNV profiles were inferred (see the notes)" if needs == "X_cnv"

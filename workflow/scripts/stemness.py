@@ -54,7 +54,7 @@ def main(smk) -> None:
                        (smk.output.cluster_figure, lambda f: plots.plot_cluster_stemness(adata, f)),
                        (smk.output.baseline, lambda f: plots.plot_stemness_vs_gene_counts(adata, f)),
                        (smk.output.labels, lambda f: plots.plot_stemness_by_label(adata, f, row["labels"] or None))):
-        reason = draw(path)
+        reason = timed(f"figure {Path(path).stem}", draw, path)
         if reason:
             # Nothing to draw: an empty file satisfies Snakemake, the sentence goes to the report.
             Path(path).write_bytes(b"")
