@@ -210,12 +210,13 @@ def tree_counts(n_cells: int, n_genes: int = 20000, *, n_states: int = 8, nnz_pe
 
 
 def generate(name: str, cells: int, genes: int, *, seed: int = 0, library_size: float = 2000.0,
-             nnz_per_cell: float = 1200.0):
-    """An AnnData of raw counts from generator ``name`` (labels in obs 'true_state')."""
+             nnz_per_cell: float = 1200.0, samples: int = 3):
+    """An AnnData of raw counts from generator ``name`` (labels in obs 'true_state'); ``samples``: the
+    simulated tumour's patients (obs 'sample')."""
     if name == "metastem":
         from metastem.simulate import simulate_tumour
 
-        return simulate_tumour(cells, genes, seed=seed, mean_library_size=library_size)
+        return simulate_tumour(cells, genes, seed=seed, mean_library_size=library_size, n_samples=samples)
     if name == "tree":
         return tree_counts(cells, genes, nnz_per_cell=nnz_per_cell, seed=seed)
     raise ValueError(f"unknown generator {name!r} (known: {', '.join(GENERATORS)})")
@@ -231,10 +232,11 @@ def source_hash(name: str) -> str:
 
 
 def write(name: str, cells: int, genes: int, path: str, *, seed: int = 0, library_size: float = 2000.0,
-          nnz_per_cell: float = 1200.0) -> dict:
+          nnz_per_cell: float = 1200.0, samples: int = 3) -> dict:
     """Generate and write the h5ad atomically; return (and print) the facts as one JSON line."""
     t0 = time.perf_counter()
-    adata = generate(name, cells, genes, seed=seed, library_size=library_size, nnz_per_cell=nnz_per_cell)
+    adata = generate(name, cells, genes, seed=seed, library_size=library_size, nnz_per_cell=nnz_per_cell,
+                     samples=samples)
     gen_s = time.perf_counter() - t0
     tmp = f"{path}.tmp.h5ad"
     adata.write_h5ad(tmp)
@@ -256,8 +258,9 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--library-size", type=float, default=2000.0, help="metastem: mean library size")
     ap.add_argument("--nnz-per-cell", type=float, default=1200.0, help="tree: stored values per cell")
+    ap.add_argument("--samples", type=int, default=3, help="metastem: patients of the simulated tumour")
     a = ap.parse_args(argv)
-    write(a.generator, a.cells, a.genes, a.path, seed=a.seed, library_size=a.library_size,
+    write(a.generator, a.cells, a.genes, a.path, seed=a.seed, library_size=a.library_size, samples=a.samples,
           nnz_per_cell=a.nnz_per_cell)
     return 0
 

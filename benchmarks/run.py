@@ -150,7 +150,8 @@ def run_watched(cmd: list[str], *, cwd: Path, env: dict, log: Path, min_free_mb:
 
 def data_stem(gen: str, cells: int, args) -> str:
     if gen == "metastem":  # the name earlier versions of the harness used: their cached files still count
-        return f"sim_{cells}c_{args.genes}g_lib{args.library_size:g}_seed{args.seed}_{source_hash(gen)}"
+        samples = f"_{args.samples}s" if args.samples != 3 else ""
+        return f"sim_{cells}c_{args.genes}g_lib{args.library_size:g}{samples}_seed{args.seed}_{source_hash(gen)}"
     return f"{gen}_{cells}c_{args.genes}g_nnz{args.nnz_per_cell:g}_seed{args.seed}_{source_hash(gen)}"
 
 
@@ -168,7 +169,7 @@ def dataset_for(gen: str, cells: int, args, env: dict) -> dict:
     log = data_dir / f"{stem}.log"
     cmd = [sys.executable, str(GENERATE), gen, str(cells), str(path), "--genes", str(args.genes),
            "--seed", str(args.seed), "--library-size", str(args.library_size),
-           "--nnz-per-cell", str(args.nnz_per_cell)]
+           "--nnz-per-cell", str(args.nnz_per_cell), "--samples", str(args.samples)]
     rc, wall, cpu, reason = run_watched(cmd, cwd=REPO, env=env, log=log, min_free_mb=args.min_free_mb, timeout=None)
     if rc != 0:
         raise SystemExit(f"bench: generating {cells} cells ({gen}) failed ({reason or f'exit {rc}'}); see {log}")
@@ -550,6 +551,8 @@ def parse_args(argv=None):
     ap.add_argument("--library-size", type=float, default=2000.0,
                     help="metastem: simulate.mean_library_size; 2000 gives ~1600 genes detected per cell at 20k genes")
     ap.add_argument("--nnz-per-cell", type=float, default=1200.0, help="tree: stored values per cell (median)")
+    ap.add_argument("--samples", type=int, default=3, help="metastem: patients of the simulated tumour (obs 'sample'; "
+                    "several samples mean per-sample QC and Harmony)")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "out")
     ap.add_argument("--cores", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
