@@ -26,9 +26,6 @@ import scipy.sparse as sp
 
 log = logging.getLogger(__name__)
 
-EXACT_MAX_PROFILES = 60_000  # observed + simulated profiles up to which neighbours are exact
-
-
 def _scale_rows(X: sp.csr_matrix, target: float) -> sp.csr_matrix:
     totals = np.asarray(X.sum(axis=1)).ravel()
     scale = np.divide(target, totals, out=np.zeros_like(totals, dtype=np.float64), where=totals > 0)
@@ -83,7 +80,7 @@ def scrublet_scores(counts, *, expected_rate: float = 0.05, sim_ratio: float = 1
     manifold = np.vstack([svd.transform(obs), svd.transform(sim)]).astype(np.float32)
     k_adj = int(round(n_neighbors * (1 + n_sim / n)))
     k_adj = min(k_adj, manifold.shape[0] - 1)
-    neighbours = _neighbours(manifold, k_adj, seed)
+    neighbours = _neighbours(manifold, k_adj)
     n_sim_neighbours = (neighbours >= n).sum(axis=1).astype(np.float64)
     rho, r = expected_rate, n_sim / n
     q = (n_sim_neighbours + 1) / (k_adj + 2)
@@ -98,18 +95,10 @@ def scrublet_scores(counts, *, expected_rate: float = 0.05, sim_ratio: float = 1
     return {"scores": ld[:n], "scores_sim": ld[n:], "threshold": threshold, "n_genes": int(genes.size)}
 
 
-def _neighbours(points: np.ndarray, k: int, seed: int) -> np.ndarray:
-    """Indices of each point's k nearest other points: exact up to EXACT_MAX_PROFILES points, else
-    pynndescent's graph (as scanpy's scrublet with ``use_approx_neighbors``)."""
-    if points.shape[0] <= EXACT_MAX_PROFILES:
-        from sklearn.neighbors import NearestNeighbors
+def _neighbours(points: np.ndarray, k: int) -> np.ndarray:
+    """Indices of each point's k nearest other points, exact (sklearn). Callers keep the points to one
+    scrublet block (metastem.qc.SCRUBLET_MAX_CELLS cells and their simulated doublets), so the quadratic
+    search stays small."""
+    from sklearn.neighbors import NearestNeighbors
 
-        idx = NearestNeighbors(n_neighbors=k + 1).fit(points).kneighbors(return_distance=False)
-        return idx[:, :k]  # kneighbors() without X leaves each point itself out
-    from pynndescent import NNDescent
-
-    index = NNDescent(points, n_neighbors=k + 1, random_state=seed, compressed=True)
-    idx = index.neighbor_graph[0]
-    own = idx == np.arange(points.shape[0])[:, None]
-    # drop each point itself (normally first); keep k others
-    return np.stack([row[~m][:k] for row, m in zip(idx, own)])
+    return NearestNeighbors(n_neighbors=k).fit(points).kneighbors(return_distance=False)  # self left out
