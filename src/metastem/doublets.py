@@ -19,8 +19,6 @@ own seed-to-seed 0.968, ours 0.966); true-doublet AUROC 0.881 vs 0.885.
 """
 from __future__ import annotations
 
-import logging
-
 import numpy as np
 import scipy.sparse as sp
 
