@@ -22,7 +22,6 @@ from __future__ import annotations
 import numpy as np
 import scipy.sparse as sp
 
-log = logging.getLogger(__name__)
 
 def _scale_rows(X: sp.csr_matrix, target: float) -> sp.csr_matrix:
     totals = np.asarray(X.sum(axis=1)).ravel()
