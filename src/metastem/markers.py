@@ -42,6 +42,7 @@ def _kernel():
         value_sum = np.zeros((n_groups, n_genes))
         nonzero = np.zeros((n_groups, n_genes))
         ties = np.zeros(n_genes)  # sum of t^3 - t over the runs of equal nonzero values
+        negatives = np.zeros(n_genes)
         for j in numba.prange(n_genes):
             a, b = indptr[j], indptr[j + 1]
             m = b - a
@@ -50,12 +51,16 @@ def _kernel():
             vals = data[a:b]
             order = np.argsort(vals, kind="mergesort")
             n_zero = n_cells - m
+            for t in range(m):
+                if vals[t] < 0:
+                    negatives[j] += 1.0
             i = 0
             while i < m:  # a run of equal values shares the mean of its ranks (scipy's 'average')
                 k = i + 1
                 while k < m and vals[order[k]] == vals[order[i]]:
                     k += 1
-                rank = n_zero + (i + k + 1) / 2.0  # ranks n_zero+i+1 .. n_zero+k, averaged
+                # positions i+1..k among the stored values, averaged; positive values rank above the zeros
+                rank = (i + k + 1) / 2.0 + (n_zero if vals[order[i]] > 0 else 0)
                 t_len = float(k - i)
                 ties[j] += t_len ** 3 - t_len
                 for t in range(i, k):
@@ -64,7 +69,7 @@ def _kernel():
                     value_sum[g, j] += vals[order[t]]
                     nonzero[g, j] += 1.0
                 i = k
-        return rank_sum, value_sum, nonzero, ties
+        return rank_sum, value_sum, nonzero, ties, negatives
 
     return rank_sums_csc
 
@@ -73,21 +78,19 @@ def rank_sums(X, codes: np.ndarray, n_groups: int) -> dict[str, np.ndarray]:
     """Per group x gene: Wilcoxon rank sums over all cells, sums of values and nonzero counts; per gene
     the tie term sum(t^3 - t) over runs of equal values (zeros included), for the tie-corrected variance.
 
-    ``X`` is cells x genes (sparse or dense) with non-negative values; ``codes`` the group of each cell
-    (0..n_groups-1). Ranks are those of ``scipy.stats.rankdata`` (average ties) of each gene's column,
-    zeros included, computed from the stored values only: zeros (stored or not) share rank (n_zero + 1) / 2.
+    ``X`` is cells x genes (sparse or dense); ``codes`` the group of each cell (0..n_groups-1). Ranks are
+    those of ``scipy.stats.rankdata`` (average ties) of each gene's column, zeros included, computed from
+    the stored values only: zeros (stored or not) share the block of ranks above the negative values.
     """
     X = sp.csc_matrix(X)
     X.sum_duplicates()
     X.eliminate_zeros()
-    if X.nnz and X.data.min() < 0:
-        raise ValueError("rank sums from stored values need non-negative data (log-normalised, not scaled)")
     n_cells = X.shape[0]
     sizes = np.bincount(codes, minlength=n_groups).astype(np.float64)
-    rank_sum, value_sum, nonzero, ties = _kernel()(X.data, X.indices, X.indptr, codes.astype(np.int64),
-                                                   n_groups, n_cells)
+    rank_sum, value_sum, nonzero, ties, negatives = _kernel()(X.data, X.indices, X.indptr, codes.astype(np.int64),
+                                                              n_groups, n_cells)
     n_zero = n_cells - nonzero.sum(axis=0)
-    rank_sum += (sizes[:, None] - nonzero) * (n_zero + 1) / 2.0
+    rank_sum += (sizes[:, None] - nonzero) * (negatives + (n_zero + 1) / 2.0)  # the zeros rank above negatives
     ties += n_zero ** 3 - n_zero  # the zeros are one run
     return {"rank_sum": rank_sum, "value_sum": value_sum, "nonzero": nonzero, "sizes": sizes, "ties": ties}
 
@@ -112,7 +115,7 @@ def wilcoxon_vs_rest(X, groups: pd.Categorical | pd.Series, *, var_names: pd.Ind
     Returns ``scores`` (z of the rank sum, normal approximation, no tie correction), ``pvals`` (two-sided),
     ``pvals_adj`` (BH within each group), ``logfoldchanges`` (log2 of expm1 of the group mean over expm1 of
     the rest's mean, +1e-9 each, as scanpy) and ``pts`` / ``pts_rest`` (fractions of cells detecting the gene).
-    Values must be non-negative (log-normalised data); cells of every category take part.
+    Cells of every category take part.
     """
     cat = pd.Categorical(groups)
     codes = cat.codes.astype(np.int64)

@@ -258,49 +258,13 @@ def design(adata: ad.AnnData, *, csc_key: str = "csc_like", malignant_key: str =
 
 # ----------------------------------------------------------------------------- GSEA (descriptive)
 
-def wilcoxon_z(X: sp.spmatrix | np.ndarray, in_group: np.ndarray, *, genes_per_block: int = 2000) -> np.ndarray:
-    """Tie-corrected Mann-Whitney z of each column, group vs the other rows (scanpy's ``wilcoxon``).
+def wilcoxon_z(X: sp.spmatrix | np.ndarray, in_group: np.ndarray) -> np.ndarray:
+    """Tie-corrected Mann-Whitney z of each column, group vs the other rows (scanpy's ``wilcoxon``
+    with ``tie_correct=True``): :func:`metastem.markers.wilcoxon_z`, the rank sums computed from the
+    stored values only (zeros are one tie block whose ranks are known); NaN for constant columns."""
+    from metastem.markers import wilcoxon_z as z
 
-    z = (R1 - n1 (N + 1) / 2) / sqrt(T n1 n2 (N + 1) / 12), with R1 the group's rank sum (ties get
-    their mean rank) and T = 1 - sum(t^3 - t) / (N^3 - N) over tie blocks; NaN for constant columns.
-    The zeros of a column form one tie block whose ranks are known, so only the stored values are
-    sorted: the cost follows the non-zeros, where scanpy ranks dense blocks of every cell and gene.
-    """
-    in_group = np.asarray(in_group, dtype=bool)
-    n, n_genes = X.shape
-    n1 = int(in_group.sum())
-    n2 = n - n1
-    z = np.full(n_genes, np.nan)
-    X = sp.csc_matrix(X)  # one conversion; column blocks of CSC are cheap slices
-    for g0 in range(0, n_genes, genes_per_block):
-        C = sp.csc_matrix(X[:, g0:g0 + genes_per_block], dtype=np.float64)
-        C.sort_indices()
-        g = C.shape[1]
-        stored = np.diff(C.indptr)
-        n0 = n - stored                                      # zeros per gene: one tie block
-        col = np.repeat(np.arange(g), stored)
-        lo = float(C.data.min()) if C.nnz else 0.0
-        span = np.ceil((float(C.data.max()) if C.nnz else 0.0) - lo) + 1.0
-        order = np.argsort(col * span + (C.data - lo))  # exact key: integer + float32 offset; ties are averaged
-        v, c, rows = C.data[order], col[order], C.indices[order]
-        pos = np.arange(v.size) - C.indptr[c]                # 0-based position among the gene's stored values
-        new_run = np.ones(v.size, dtype=bool)
-        new_run[1:] = (c[1:] != c[:-1]) | (v[1:] != v[:-1])
-        run = np.cumsum(new_run) - 1
-        run_start = np.flatnonzero(new_run)
-        run_len = np.diff(np.append(run_start, v.size)).astype(np.float64)
-        mean_pos = pos[run_start][run] + (run_len[run] - 1.0) / 2.0
-        neg = np.bincount(c, weights=(v < 0), minlength=g)   # negatives rank below the zero block
-        rank = mean_pos + 1.0 + np.where(v > 0, n0[c], 0)
-        r1 = np.bincount(c, weights=rank * in_group[rows], minlength=g)
-        zeros_in_group = n1 - np.bincount(c, weights=in_group[rows], minlength=g)
-        r1 += zeros_in_group * (neg + (n0 + 1.0) / 2.0)
-        ties = np.bincount(c[run_start], weights=run_len ** 3 - run_len, minlength=g) + n0.astype(np.float64) ** 3 - n0
-        t = 1.0 - ties / (float(n) ** 3 - n)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            z[g0:g0 + g] = np.where(t > 0, (r1 - n1 * (n + 1.0) / 2.0) / np.sqrt(t * n1 * n2 * (n + 1.0) / 12.0),
-                                    np.nan)
-    return z
+    return z(X, in_group)
 
 
 def wilcoxon_ranking(adata: ad.AnnData, is_csc: np.ndarray | str = "csc_like", *, max_cells: int | None = None,
