@@ -10,6 +10,7 @@ import scipy.sparse as sp
 from scipy.sparse.csgraph import connected_components
 
 from metastem._numba_cache import graph_only_nndescent
+from metastem._timing import step
 from metastem.blocks import row_block, row_blocks
 from metastem.errors import MetastemError
 
@@ -135,10 +136,11 @@ def build_graph(adata: ad.AnnData, params: dict, seed: int = 0) -> list[str]:
         notes.append(f"cluster.batch_key '{batch_key}' is not an obs column: no integration")
     n_top = min(params["n_top_genes"], adata.n_vars)
     try:
-        if integrate:
-            integration.highly_variable_genes_batch(adata, n_top, batch_key=batch_key)
-        else:
-            highly_variable_genes_seurat(adata, n_top)
+        with step("variable genes"):
+            if integrate:
+                integration.highly_variable_genes_batch(adata, n_top, batch_key=batch_key)
+            else:
+                highly_variable_genes_seurat(adata, n_top)
     except (ValueError, IndexError) as exc:  # degenerate dispersions (e.g. constant genes)
         adata.var["highly_variable"] = np.asarray((adata.X.max(axis=0) > 0).todense()).ravel() \
             if hasattr(adata.X, "todense") else (np.asarray(adata.X).max(axis=0) > 0)
@@ -150,11 +152,13 @@ def build_graph(adata: ad.AnnData, params: dict, seed: int = 0) -> list[str]:
     n_pcs = min(params["n_pcs"], adata.n_obs - 1, n_hvg - 1)
     if n_pcs < params["n_pcs"]:
         notes.append(f"n_pcs reduced to {n_pcs} (data has {adata.n_obs} cells, {n_hvg} variable genes)")
-    sc.pp.pca(adata, n_comps=n_pcs, mask_var="highly_variable", svd_solver="arpack", random_state=seed)
+    with step("PCA"):
+        sc.pp.pca(adata, n_comps=n_pcs, mask_var="highly_variable", svd_solver="arpack", random_state=seed)
     use_rep = "X_pca"
     if integrate:
-        integration.harmony(adata, batch_key=batch_key, theta=params.get("harmony_theta", 2.0),
-                            max_iter=params.get("harmony_max_iter", 10), seed=seed)
+        with step("Harmony"):
+            integration.harmony(adata, batch_key=batch_key, theta=params.get("harmony_theta", 2.0),
+                                max_iter=params.get("harmony_max_iter", 10), seed=seed)
         use_rep = integration.HARMONY_KEY
         notes.append(f"{n_batches} samples ('{batch_key}'): genes chosen across samples and the kNN graph built "
                      f"on Harmony-corrected PCs (theta {params.get('harmony_theta', 2.0):g})")
@@ -165,7 +169,7 @@ def build_graph(adata: ad.AnnData, params: dict, seed: int = 0) -> list[str]:
     # uncacheable pynndescent JIT (measured at 21k cells: 1.4 s instead of 8.9 s; Leiden ARI 0.85 against the
     # approximate graph, as between two seeds); above it exact search grows with the square of the cells.
     exact = adata.n_obs <= EXACT_KNN_MAX_CELLS
-    with graph_only_nndescent():
+    with step("kNN graph"), graph_only_nndescent():
         sc.pp.neighbors(adata, n_neighbors=n_neighbors, n_pcs=n_pcs, use_rep=use_rep, random_state=seed,
                         transformer="sklearn" if exact else None)
     n_comp, labels = connected_components(adata.obsp["connectivities"], directed=False)
@@ -197,9 +201,11 @@ def embed_and_cluster(adata: ad.AnnData, params: dict, seed: int = 0) -> list[st
     import scanpy as sc
 
     notes = build_graph(adata, params, seed)
-    sc.tl.umap(adata, min_dist=params["umap_min_dist"], random_state=seed, maxiter=umap_epochs(adata.n_obs, params))
-    sc.tl.leiden(adata, resolution=params["resolution"], random_state=seed, flavor="igraph",
-                 n_iterations=2, directed=False, key_added="leiden")
+    with step("UMAP"):
+        sc.tl.umap(adata, min_dist=params["umap_min_dist"], random_state=seed, maxiter=umap_epochs(adata.n_obs, params))
+    with step("Leiden"):
+        sc.tl.leiden(adata, resolution=params["resolution"], random_state=seed, flavor="igraph",
+                     n_iterations=2, directed=False, key_added="leiden")
     n_clusters = adata.obs["leiden"].nunique()
     if n_clusters < 2:
         raise MetastemError(f"Leiden found a single cluster in {adata.n_obs} cells at cluster.resolution="

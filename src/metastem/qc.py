@@ -14,6 +14,7 @@ import pandas as pd
 import scipy.sparse as sp
 from scipy.sparse.linalg import ArpackError
 
+from metastem._timing import step
 from metastem.blocks import BLOCK_ROWS, row_block, row_blocks
 from metastem.errors import MetastemError
 
@@ -225,7 +226,8 @@ def run_qc(adata: ad.AnnData, qc: dict, *, values: str, species: str, seed: int 
         notes.append(f"{n_ercc} ERCC spike-ins removed from the matrix before any metric (median "
                      f"{np.median(adata.obs['pct_counts_ercc']):.1f}% of a cell's counts, kept as pct_counts_ercc): "
                      "they are not counted as genes in QC, variable genes, stemness or scores")
-    compute_qc_metrics(adata, species)
+    with step("QC metrics"):
+        compute_qc_metrics(adata, species)
     obs = adata.obs
     if not gene_flags(adata.var_names, species)["mt"].any():
         notes.append("no mitochondrial genes found (prefix %s): the %% mito filter is off"
@@ -270,8 +272,9 @@ def run_qc(adata: ad.AnnData, qc: dict, *, values: str, species: str, seed: int 
                 notes.append(f"{where}doublet detection skipped: {idx.size} cells are too few for scrublet")
                 continue
             try:
-                scores, calls, doublet_by[name] = call_doublets(adata[idx] if multi else adata, qc["doublet_rate"],
-                                                                seed, qc["doublet_sim_ratio"])
+                with step(f"{where}doublets (scrublet)"):
+                    scores, calls, doublet_by[name] = call_doublets(adata[idx] if multi else adata,
+                                                                    qc["doublet_rate"], seed, qc["doublet_sim_ratio"])
             except (ValueError, np.linalg.LinAlgError, ArpackError) as exc:  # degenerate data (e.g. too few genes)
                 notes.append(f"{where}doublet detection skipped: scrublet failed on these data "
                              f"({type(exc).__name__}: {exc})")
