@@ -470,6 +470,7 @@ class PathwayStats:
     notes: list[str]
     n_samples: int
     unit: str
+    skipped: str | None = None  # why the CSC-like contrast was not computed (no CSC-like cells), else None
 
 
 def _nanmean(a: np.ndarray, axis: int) -> np.ndarray:
@@ -527,8 +528,14 @@ def score_pathways(adata: ad.AnnData, *,
         Seeds the null sets and the bootstrap (scores themselves are deterministic).
 
     Writes ``obs['pathway_<SET>']`` and ``uns[key_added]`` (parameters as JSON text, number of
-    samples, unit of replication, notes). Returns a :class:`PathwayStats` (with ``copy``: the copy
-    and the stats).
+    samples, unit of replication, notes, ``skipped``). Returns a :class:`PathwayStats` (with ``copy``:
+    the copy and the stats).
+
+    With no CSC-like cell among the analysed cells (e.g. ``stemness.required: false`` on a panel where
+    no stemness score was possible) there is no contrast: the per-cell scores are still written, but no
+    matched null sets are drawn or scored and no bootstrap is run (they exist only for the contrast);
+    every set's effect columns are NaN, ``call`` and ``replicated`` say "not tested" and
+    ``PathwayStats.skipped`` holds the sentence saying so.
     """
     if copy:
         adata = adata.copy()
@@ -561,18 +568,30 @@ def score_pathways(adata: ad.AnnData, *,
     n_csc = np.bincount(dsg.sample_codes[dsg.is_csc], minlength=dsg.n_samples)
     n_other = np.bincount(dsg.sample_codes[dsg.cells & ~dsg.is_csc], minlength=dsg.n_samples)
     kept = (n_csc >= MIN_GROUP_CELLS) & (n_other >= MIN_GROUP_CELLS)
-    for s in np.flatnonzero(~kept):
-        notes.append(f"sample {dsg.samples[s]} left out of the contrast: {n_csc[s]} CSC-like and {n_other[s]} "
-                     f"other malignant cells (at least {MIN_GROUP_CELLS} of each needed)")
+    skipped = None
+    if not dsg.is_csc.any():
+        # no CSC-like cell at all (stemness not computed): no contrast, so no null sets or bootstrap either
+        what = "malignant cells" if malignant_key in adata.obs else "cells"
+        skipped = (f"none of the {int(dsg.cells.sum())} analysed {what} is CSC-like, and every sample is left out of "
+                   "the contrast (effects against matched null sets, their replication across samples and GSEA "
+                   "prerank need CSC-like and other malignant cells)")
+        notes.append(f"CSC-like contrast skipped: {skipped}; the per-cell pathway scores are computed as usual")
+    else:
+        for s in np.flatnonzero(~kept):
+            notes.append(f"sample {dsg.samples[s]} left out of the contrast: {n_csc[s]} CSC-like and {n_other[s]} "
+                         f"other malignant cells (at least {MIN_GROUP_CELLS} of each needed)")
     k = int(kept.sum())
     groups = dsg.group_codes(kept)
+    n_drawn = 0 if skipped else n_null  # null sets exist only for the contrast
 
     # Null sets, drawn from genes outside every excluded gene (as the tested sets are).
     rng = np.random.default_rng(seed)
-    bins, mean_bin = expression_bins(adata.X, groups >= 0, n_mean_bins=null_mean_bins,
-                                     n_detection_bins=null_detection_bins)
-    eligible = ~np.isin(np.asarray(adata.var_names.astype(str)), list(map(str, exclude_genes)))
-    null = [matched_null_sets(g, bins, mean_bin, eligible, n_null, rng) for g in set_idx] if n_null else []
+    null = []
+    if n_drawn:
+        bins, mean_bin = expression_bins(adata.X, groups >= 0, n_mean_bins=null_mean_bins,
+                                         n_detection_bins=null_detection_bins)
+        eligible = ~np.isin(np.asarray(adata.var_names.astype(str)), list(map(str, exclude_genes)))
+        null = [matched_null_sets(g, bins, mean_bin, eligible, n_drawn, rng) for g in set_idx]
     all_sets = set_idx + [row for block in null for row in block]
     cells_scores, S, Q, NZ = aucell_grouped(adata.X, all_sets, groups, 2 * dsg.n_samples,
                                             n_cell_sets=len(set_idx), top_frac=top_frac)
@@ -586,18 +605,19 @@ def score_pathways(adata: ad.AnnData, *,
     adata.obs = pd.concat([adata.obs, pd.DataFrame(shown, index=adata.obs_names,
                                                    columns=[f"{PREFIX}{n}" for n in names])], axis=1)
 
-    # Effects per sample: real sets (columns 0..n-1) and null sets (n + i * n_null + j).
+    # Effects per sample: real sets (columns 0..n-1) and null sets (n + i * n_drawn + j).
     n = len(names)
     gsize = np.bincount(groups[groups >= 0], minlength=2 * dsg.n_samples).astype(float)
     ks = np.flatnonzero(kept)
     d = np.vstack([_cohen_d(S[2 * s + 1], Q[2 * s + 1], gsize[2 * s + 1], S[2 * s], Q[2 * s], gsize[2 * s])
                    for s in ks]) if k else np.zeros((0, len(all_sets)))          # kept samples x all sets
     d_real = d[:, :n]
-    d_null = d[:, n:].reshape(k, n, n_null) if n_null else np.zeros((k, n, 0))  # samples x sets x null
+    d_null = d[:, n:].reshape(k, n, n_drawn) if n_drawn else np.zeros((k, n, 0))  # samples x sets x null
     boot = bootstrap_effects(cells_scores, groups, dsg.n_samples, n_boot=n_boot, seed=seed)[ks] if n and k else \
         np.zeros((k, n_boot, n))
     analysed = groups >= 0
-    nz_frac = NZ[:, :n].sum(axis=0) / max(1, int(analysed.sum()))
+    nz_frac = NZ[:, :n].sum(axis=0) / analysed.sum() if analysed.any() else np.full(n, np.nan)
+    trend_cells = dsg.cells if skipped else analysed  # no contrast: pseudotime trends over every analysed cell
     ngenes = genes_detected(adata, genes_key)
     adj = _residual_effect(cells_scores, ngenes, groups, list(ks)) if n and k else np.full(n, np.nan)
     ptime = adata.obs[pseudotime_key].to_numpy(float) if pseudotime_key in adata.obs else np.full(adata.n_obs, np.nan)
@@ -606,7 +626,7 @@ def score_pathways(adata: ad.AnnData, *,
     for j, name in enumerate(names):
         eff_s = d_real[:, j]
         eff = float(_nanmean(eff_s, 0)) if k else np.nan
-        null_all = _nanmean(d_null[:, j, :], 0) if k and n_null else np.zeros(0)
+        null_all = _nanmean(d_null[:, j, :], 0) if k and n_drawn else np.zeros(0)
         null_all = null_all[np.isfinite(null_all)]
         if null_all.size and np.isfinite(eff):
             c = null_all.mean()
@@ -616,7 +636,7 @@ def score_pathways(adata: ad.AnnData, *,
             null_lo, null_hi = np.quantile(null_all, [0.025, 0.975])
         else:
             c = p_null = z_null = null_lo = null_hi = np.nan
-        null_mean_s = _nanmean(d_null[:, j, :], 1) if n_null else np.full(k, np.nan)
+        null_mean_s = _nanmean(d_null[:, j, :], 1) if n_drawn else np.full(k, np.nan)
         calib = eff_s - null_mean_s
         fin = np.isfinite(calib)
         k_eff = int(fin.sum())
@@ -636,7 +656,7 @@ def score_pathways(adata: ad.AnnData, *,
             ci_lo, ci_hi = np.quantile(bmean, [0.025, 0.975]) if bmean.size else (np.nan, np.nan)
             ci_kind = "bootstrap over cells within sample"
         auroc, delta = csc_contrast(cells_scores[analysed, j], dsg.is_csc[analysed])
-        rho_t, n_t = spearman_finite(cells_scores[analysed, j], ptime[analysed])
+        rho_t, n_t = spearman_finite(cells_scores[trend_cells, j], ptime[trend_cells])
         rows.append({"set": name, "effect": eff, "ci_low": ci_lo, "ci_high": ci_hi, "ci_kind": ci_kind,
                      "null_mean": c, "null_low": null_lo, "null_high": null_hi, "effect_vs_null": eff - c,
                      "z_null": z_null, "p_null": p_null, "n_samples": k_eff,
@@ -678,8 +698,11 @@ def score_pathways(adata: ad.AnnData, *,
     out["call"] = np.select(
         [out["role"] == ROLE_CONTROL, out["flag"] != FLAG_OK, called & up, called & ~up],
         ["positive control (defines CSC-like)", out["flag"].astype(str), "up in CSC-like", "down in CSC-like"],
-        "not called" if k else "not tested: no sample has CSC-like and other malignant cells")
-    if k < MIN_REPLICATION_SAMPLES:
+        "not called" if k else "not tested: no CSC-like cells" if skipped else
+        "not tested: no sample has CSC-like and other malignant cells")
+    if skipped:
+        out["replicated"] = "not tested"
+    elif k < MIN_REPLICATION_SAMPLES:
         out["replicated"] = descriptive_label(k)
     else:
         # replication is a property of a call: a set not called against the matched null is not
@@ -691,14 +714,15 @@ def score_pathways(adata: ad.AnnData, *,
     sens = called & np.isfinite(out["effect_adj_genes_detected"]) & \
         (np.sign(out["effect_adj_genes_detected"]) != np.sign(out["effect"]))
     out["sensitivity_note"] = np.where(sens, "sign flips within samples after regressing out genes detected", "")
-    unit = ("sample" if k >= MIN_REPLICATION_SAMPLES else
+    unit = ("none (no CSC-like cells)" if skipped else "sample" if k >= MIN_REPLICATION_SAMPLES else
             f"cells within {k} sample{'s' if k != 1 else ''} (descriptive)")
     order = out.assign(_c=out["called"].astype(int), _r=(out["role"] == ROLE_PATHWAY).astype(int),
                        _a=out["effect_vs_null"].abs().fillna(-1))
     out = order.sort_values(["_r", "_c", "_a"], ascending=False, kind="stable").drop(columns=["_c", "_r", "_a"])
     out = out.reset_index(drop=True)
-    notes.append(f"{int(called.sum())} of {int(family.sum())} tested sets called against {n_null} matched random "
-                 f"sets each (BH q < {fdr} on the empirical p); unit of replication: {unit}")
+    if not skipped:
+        notes.append(f"{int(called.sum())} of {int(family.sum())} tested sets called against {n_null} matched random "
+                     f"sets each (BH q < {fdr} on the empirical p); unit of replication: {unit}")
     params = {"gene_sets": gene_sets, "extra_gene_sets": list(extra_gene_sets), "species": species, "scorer": scorer,
               "n_null": n_null, "n_boot": n_boot, "min_genes_found": min_genes_found,
               "min_signal_frac": min_signal_frac, "fdr": fdr, "positive_controls": list(positive_controls),
@@ -706,10 +730,11 @@ def score_pathways(adata: ad.AnnData, *,
               "null_detection_bins": null_detection_bins, "seed": seed, "csc_key": csc_key,
               "malignant_key": malignant_key, "sample_key": sample_key}
     adata.uns[key_added] = {"params_json": json.dumps(params), "n_samples": k, "unit": unit,
-                            "samples": [dsg.samples[s] for s in ks] or ["none"], "notes_json": json.dumps(notes)}
+                            "samples": [dsg.samples[s] for s in ks] or ["none"], "notes_json": json.dumps(notes),
+                            "skipped": skipped or ""}
     res = PathwayStats(coverage=cov, details=out, per_sample=pd.DataFrame(sample_rows, columns=[
         "set", "sample", "n_csc_like", "n_other", "effect", "ci_low", "ci_high", "null_mean", "null_low", "null_high",
-        "p_null"]), notes=notes, n_samples=k, unit=unit)
+        "p_null"]), notes=notes, n_samples=k, unit=unit, skipped=skipped)
     return (adata, res) if copy else res
 
 
@@ -718,10 +743,17 @@ def score_pathways(adata: ad.AnnData, *,
 def stemness_genes(info_json: str | Path | None = None, gene_sets_table: str | Path | None = None) -> list[str]:
     """Genes the stemness score is built from, as the stemness stage recorded them: the gene-count
     signature (``signature_genes`` in stemness/info.json) and the genes found of every stemness set
-    (``genes_found`` of tables/stemness_gene_sets.tsv). These are left out of the pathway sets."""
+    (``genes_found`` of tables/stemness_gene_sets.tsv). These are left out of the pathway sets.
+
+    None when the stage computed no stemness (``status`` 'not_computed', ``stemness.required: false``):
+    with no score there is nothing a pathway set could restate, and on a panel the gene-count signature
+    alone would take most of the measured genes out of every set."""
     genes: list[str] = []
     if info_json and Path(info_json).is_file():
-        genes += [str(g) for g in json.loads(Path(info_json).read_text()).get("signature_genes", []) or []]
+        info = json.loads(Path(info_json).read_text())
+        if info.get("status") == "not_computed":
+            return []
+        genes += [str(g) for g in info.get("signature_genes", []) or []]
     if gene_sets_table and Path(gene_sets_table).is_file() and Path(gene_sets_table).stat().st_size:
         tab = pd.read_csv(gene_sets_table, sep="\t")
         for col in ("genes_found", "genes_used"):
@@ -746,6 +778,7 @@ class PathwayResult:
     notes: list[str]
     n_samples: int
     unit: str
+    skipped: str | None = None  # why the CSC-like contrast was not computed (PathwayStats.skipped)
 
 
 def fdr_text(q: float, permutations: int) -> str:
@@ -762,7 +795,9 @@ def run_pathways(adata: ad.AnnData, params: dict, *, species: str, seed: int = 0
                  csc_key: str = "csc_like", exclude_genes: Sequence[str] | None = None) -> PathwayResult:
     """The whole pathway stage: :func:`score_pathways` with the config's ``pathways`` section, then
     GSEA prerank of CSC-like vs other malignant cells on sets with >= ``gsea_min_genes`` genes and
-    ssGSEA of cluster pseudobulks (both descriptive), and the per-cluster means."""
+    ssGSEA of cluster pseudobulks (both descriptive), and the per-cluster means. Without CSC-like
+    cells the contrast and GSEA prerank are skipped (``PathwayResult.skipped`` says why); the scores,
+    cluster means and ssGSEA are computed as usual."""
     st = score_pathways(adata, gene_sets=params["gene_sets"], extra_gene_sets=params["extra_gene_sets"],
                         species=species, scorer=params["scorer"], n_null=params["n_null"], n_boot=params["n_boot"],
                         min_genes_found=params["min_genes_found"], min_signal_frac=params["min_signal_frac"],
@@ -789,6 +824,8 @@ def run_pathways(adata: ad.AnnData, params: dict, *, species: str, seed: int = 0
         ranking = wilcoxon_ranking(sub, is_csc, max_cells=params["ranking_max_cells"], seed=seed)
         gsea = gsea_prerank(ranking, gsea_sets, permutations=params["gsea_permutations"], seed=seed,
                             min_size=min_gsea, threads=threads)
+    elif st.skipped:
+        pass  # the contrast's note already says GSEA prerank was not computed
     elif not gsea_sets:
         notes.append(f"GSEA prerank skipped: no pathway set has {min_gsea} genes left")
     else:
@@ -803,11 +840,17 @@ def run_pathways(adata: ad.AnnData, params: dict, *, species: str, seed: int = 0
     summary = details[SUMMARY_COLUMNS].copy()
     return PathwayResult(coverage=cov, summary=summary, details=details, per_sample=st.per_sample,
                          cluster_means=per_cluster_means(adata, groupby), gsea=gsea, ranking=ranking, ssgsea=ssg,
-                         notes=notes, n_samples=st.n_samples, unit=st.unit)
+                         notes=notes, n_samples=st.n_samples, unit=st.unit, skipped=st.skipped)
 
 
-def methods_text(params: dict, seed: int, n_samples: int, unit: str, n_excluded: int) -> str:
-    """The methods paragraph of the pathway stage, stating the unit of replication."""
+def methods_text(params: dict, seed: int, n_samples: int, unit: str, n_excluded: int,
+                 skipped: str | None = None) -> str:
+    """The methods paragraph of the pathway stage, stating the unit of replication (or, with
+    ``skipped``, that there was no CSC-like contrast and why)."""
+    if skipped:
+        return (f"Gene sets were scored per cell with AUCell (Aibar et al. 2017; top 5 % of each cell's genes; tied "
+                "values share their ranks, so scores do not depend on gene order), averaged per cluster, and ssGSEA "
+                f"(gseapy) was run on per-cluster pseudobulk, descriptive. No CSC-like contrast: {skipped}. Seed {seed}.")
     rep = (f"the sample is the unit of replication ({n_samples} samples): the overall effect is the mean of per-sample "
            "effects with a t interval over samples, and a called set is 'replicated' when at least 3 samples "
            f"agree in sign in at least 80 % of them and a one-sample t-test of the per-sample effects beyond their matched null has "

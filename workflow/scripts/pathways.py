@@ -6,10 +6,10 @@ from metastem.smk import run
 def main(smk) -> None:
     from metastem._timing import timed  # one log line per step: time and peak RSS
     import json
+    from pathlib import Path
 
     import anndata as ad
     import numpy as np
-    import pandas as pd
 
     from metastem import io
     from metastem import pathways as pw
@@ -40,21 +40,44 @@ def main(smk) -> None:
 
     names = pw.scored_sets(adata)
     scores = adata.obs[[f"{pw.PREFIX}{s}" for s in names]].set_axis(names, axis=1)
-    pp.plot_pathway_effects(res.details, res.per_sample, save=smk.output.effects)
+    ptime = adata.obs["pseudotime"].to_numpy(float)
+    figure_notes = {}  # a figure with nothing to draw: an empty file, its sentence for the report
+
+    def nothing_to_draw(path, sentence):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_bytes(b"")
+        figure_notes[Path(path).stem] = sentence
+
+    if res.skipped:  # no CSC-like cells (stemness not computed): no effects, no ranking
+        nothing_to_draw(smk.output.effects, "Not drawn: there is no CSC-like contrast (no cell is CSC-like).")
+    else:
+        pp.plot_pathway_effects(res.details, res.per_sample, save=smk.output.effects)
     pp.plot_cluster_heatmap(res.cluster_means, smk.output.heatmap)
-    trend = res.details.dropna(subset=["rho_pseudotime"])
-    trend = trend.loc[trend["rho_pseudotime"].abs().sort_values(ascending=False).index, "set"].head(8)
-    pp.plot_pseudotime_trends(scores, adata.obs["pseudotime"].to_numpy(float), smk.output.trends,
-                              sets=list(trend) or list(scores.columns[:8]))
-    ranking = res.ranking if res.ranking is not None else pd.Series(dtype=float)  # None: no CSC-like contrast
-    gsea_sets = {k: v for k, v in pw.resolved_sets(res.coverage).items() if k in set(res.gsea["set"])}
-    pp.plot_gsea_top(ranking, gsea_sets, res.gsea, smk.output.gsea_plot,
-                     group_label="CSC-like vs other malignant cells")
+    if not np.isfinite(ptime).any():
+        nothing_to_draw(smk.output.trends, "Not drawn: no cell has a pseudotime (see Pseudotime).")
+    else:
+        trend = res.details.dropna(subset=["rho_pseudotime"])
+        trend = trend.loc[trend["rho_pseudotime"].abs().sort_values(ascending=False).index, "set"].head(8)
+        pp.plot_pseudotime_trends(scores, ptime, smk.output.trends, sets=list(trend) or list(scores.columns[:8]))
+    if res.ranking is None:  # GSEA prerank not run: its note says why
+        nothing_to_draw(smk.output.gsea_plot, "Not drawn: GSEA prerank of CSC-like vs other malignant cells was "
+                                              "not run (see the notes above).")
+    else:
+        gsea_sets = {k: v for k, v in pw.resolved_sets(res.coverage).items() if k in set(res.gsea["set"])}
+        pp.plot_gsea_top(res.ranking, gsea_sets, res.gsea, smk.output.gsea_plot,
+                         group_label="CSC-like vs other malignant cells")
 
     notes = res.notes + pw.prepare_final(adata, annotations=getattr(smk.input, "annotations", None))
     details = res.details
     pathways = details[details["role"] == pw.ROLE_PATHWAY]
+    skipped = {}
+    if res.skipped:  # why no cell is CSC-like, when the stemness stage says so (stemness.required: false)
+        cause = ("stemness was not computed (stemness.required is false), so " if
+                 json.loads(Path(smk.input.stemness_info).read_text()).get("status") == "not_computed" else "")
+        skipped = {"skipped": f"The CSC-like pathway contrast was not computed: {cause}{res.skipped}.",
+                   "skipped_what": "the CSC-like pathway contrast"}
     write_json_atomic({
+        **skipped, "figure_notes": figure_notes,
         "params": params, "notes": notes, "scorer": params["scorer"],
         "n_sets": int(len(res.coverage)), "n_scored": int(len(names)),
         "n_tested": int((pathways["flag"] == pw.FLAG_OK).sum()), "n_called": int(pathways["called"].sum()),
@@ -65,7 +88,7 @@ def main(smk) -> None:
         "n_csc_like": int(adata.obs["csc_like"].sum()),
         "n_malignant": int(adata.obs["malignant"].sum()) if "malignant" in adata.obs else None,
         "n_unreachable": int((~np.isfinite(adata.obs["pseudotime"].to_numpy(float))).sum()),
-        "methods": pw.methods_text(params, p["seed"], res.n_samples, res.unit, len(exclude)),
+        "methods": pw.methods_text(params, p["seed"], res.n_samples, res.unit, len(exclude), skipped=res.skipped),
     }, smk.output.info)
     adata.uns["metastem"]["params_json"] = json.dumps(p)  # every section: this rule is given them all
     # final.h5ad contract: layers['counts'] where the input had counts
