@@ -387,7 +387,8 @@ def stemness_facts(info: Mapping[str, Any]) -> list[tuple[str, str]]:
              ("Spearman of the score with each ingredient", "; ".join(
                  f"{k.removeprefix('stemness_').replace('_', ' ')} {_fmt(v) or '–'}" for k, v in ingredients.items())
               or None),
-             ("CSC-like cells", _pct(info.get("n_csc_like"), info.get("n_cells"))),
+             ("CSC-like cells", "not computed (no stemness score)" if not stemness_computed(info) else
+              _pct(info.get("n_csc_like"), info.get("n_cells"))),
              ("CSC-like threshold (stemness ≥)", _fmt(info.get("csc_threshold"))),
              ("Median genes detected per cell", _fmt(info.get("median_genes_detected"))),
              ("Spearman with genes detected (baseline)", _fmt(rho)),
@@ -424,7 +425,14 @@ def _components_left_out(info: Mapping[str, Any]) -> str | None:
 
 
 def pathways_facts(info: Mapping[str, Any]) -> list[tuple[str, str]]:
-    """Counts of the pathway stage, the unit of replication and what was left out, and why."""
+    """Counts of the pathway stage, the unit of replication and what was left out, and why. Without a
+    CSC-like contrast (``skipped``) only what was computed: the scorer and the sets scored."""
+    if info.get("skipped"):
+        facts = [("Per-cell scorer", info.get("scorer")), ("Gene sets", info.get("n_sets")),
+                 ("Gene sets scored per cell", info.get("n_scored")),
+                 ("CSC-like vs other malignant cells", "not tested (no CSC-like cells)"),
+                 ("Malignant cells", info.get("n_malignant"))]
+        return [(k, str(v)) for k, v in facts if v is not None]
     n_samples = info.get("n_samples")
     replicated = (info.get("n_replicated") if n_samples is not None and n_samples >= 3 else
                   f"descriptive (n = {n_samples} sample{'s' if n_samples != 1 else ''})" if n_samples is not None
@@ -454,6 +462,63 @@ def niche_facts(info: Mapping[str, Any]) -> list[tuple[str, str]]:
 
 def _fmt(value: Any) -> str | None:
     return None if value is None else _format_cell(float(value) if isinstance(value, (int, float)) else value)
+
+
+# ----------------------------------------------------------------------------- what was skipped, and why
+
+# What a stage's ``skipped`` stands for when its info.json does not name it (``skipped_what``).
+SKIPPED_WHAT = {"pseudotime": "pseudotime", "pathways": "the CSC-like pathway contrast",
+                "niche": "the niche interactions"}
+
+
+def stemness_computed(info: Mapping[str, Any]) -> bool:
+    """False only when the stemness stage says it computed no score (``status`` 'not_computed',
+    ``stemness.required: false``); an older info.json without ``status`` computed one."""
+    return info.get("status", "computed") != "not_computed"
+
+
+def _sentence(text: str) -> str:
+    text = " ".join(str(text).split())
+    return (text[:1].upper() + text[1:]).rstrip(".") + "." if text else ""
+
+
+def skipped_summary(stages: Mapping[str, Stage]) -> dict[str, Any] | None:
+    """What this run did not compute and why, read from the stages' info.json, or None when nothing was skipped.
+
+    - stemness/info.json ``status`` 'not_computed' (``stemness.required: false`` where no score was
+      possible): its ``direction_reason`` is the reason, and the CSC-like calls are skipped;
+    - any stage's ``skipped``: a sentence saying that the stage, or the part ``skipped_what`` names,
+      was not computed and why (pseudotime without a root, the pathway stage's CSC-like contrast,
+      the niche interactions); shown as written.
+
+    Returns ``{'stemness_reason', 'items': [{'what', 'stage', 'why'}], 'skipped' (the 'what's joined),
+    'computed'}``: ``computed`` lists what ran without stemness (pseudotime from a configured root, the
+    per-cell pathway scores), so the page says plainly what is and is not there.
+    """
+    st = stages["stemness"].info
+    not_computed = stages["stemness"].ran and not stemness_computed(st)
+    items = []
+    if not_computed:
+        items.append({"what": "CSC-like calls", "stage": "stemness",
+                      "why": "No CSC-like calls were made: with no stemness score no cell can be called CSC-like."})
+    for key in STAGES:
+        info = stages[key].info
+        if info.get("skipped"):
+            items.append({"what": str(info.get("skipped_what") or SKIPPED_WHAT.get(key, key)), "stage": key,
+                          "why": _sentence(info["skipped"])})
+    if not items:
+        return None
+    computed = []
+    pt, pw = stages["pseudotime"], stages["pathways"]
+    if not_computed and pt.ran and not pt.info.get("skipped"):
+        spec = (pt.info.get("root") or {}).get("spec")
+        computed.append("pseudotime, from the root set in the config" + (f" (pseudotime.root: {spec})" if spec else ""))
+    if not_computed and pw.ran and pw.info.get("n_scored") is not None:
+        computed.append(f"per-cell scores of {pw.info['n_scored']} pathway gene sets, their cluster means and ssGSEA "
+                        "of cluster pseudobulks")
+    reason = " ".join(str(st.get("direction_reason") or "no score was possible").split()).rstrip(".")
+    return {"stemness_reason": reason if not_computed else None,
+            "items": items, "skipped": ", ".join(i["what"] for i in items), "computed": computed}
 
 
 FACTS = {"cluster": cluster_facts, "malignant": malignant_facts, "stemness": stemness_facts, "pseudotime": pseudotime_facts,
@@ -531,7 +596,7 @@ def build_report(dataset: str, stage_files: Mapping[str, Sequence[str]], *, row:
     sections += ["qc", "cluster", "malignant", "stemness", "pseudotime", "pathways", "niche"]
     summary = summarise(stages)
     return environment().get_template("report.html.j2").render(
-        dataset=dataset, row=row, stages=stages, extra=extra, summary=summary,
+        dataset=dataset, row=row, stages=stages, extra=extra, summary=summary, skipped=skipped_summary(stages),
         facts={k: FACTS[k](stages[k].info) for k in FACTS},
         input_facts=input_facts(stages["qc"].info),
         qc_removed=frame_to_html(qc_removed(stages["qc"].info), sortable=False) if stages["qc"].ran else None,
@@ -552,14 +617,22 @@ def write_report(out: str | Path, dataset: str, stage_files: Mapping[str, Sequen
 # ----------------------------------------------------------------------------- one-line summaries
 
 def summarise(stages: Mapping[str, Stage]) -> dict[str, Any]:
-    """Cells, clusters, CSC-like fraction and top pathway: the headline numbers of a dataset."""
+    """Cells, clusters, CSC-like fraction and top pathway: the headline numbers of a dataset.
+
+    ``stemness_computed`` is False when the stemness stage computed no score: the CSC-like fraction
+    is then None (shown as "not computed", never 0 %), as is the top pathway (no contrast, ``contrast_skipped``).
+    ``skipped`` names what the stages' info.json say was skipped (a stage, or the part ``skipped_what`` names)."""
     qc, cl, st, pw = (stages[k].info for k in ("qc", "cluster", "stemness", "pathways"))
-    n_csc = st.get("n_csc_like", pw.get("n_csc_like"))
+    computed = stemness_computed(st)
+    n_csc = st.get("n_csc_like", pw.get("n_csc_like")) if computed else None
     n_cells = st.get("n_cells", qc.get("cells_out"))
     table = stages["pathways"].table_paths.get("pathways_summary")
     return {"cells": qc.get("cells_out"), "genes": qc.get("genes_out"), "clusters": cl.get("n_clusters"),
             "csc_fraction": n_csc / n_cells if n_csc is not None and n_cells else None,
-            "top_pathway": top_pathway(read_tsv(table)) if table else None}
+            "stemness_computed": computed, "contrast_skipped": bool(pw.get("skipped")),
+            "skipped": [str(stages[k].info.get("skipped_what") or SKIPPED_WHAT.get(k, k)) for k in STAGES
+                        if stages[k].info.get("skipped")],
+            "top_pathway": top_pathway(read_tsv(table)) if table and not pw.get("skipped") else None}
 
 
 def top_pathway(summary: pd.DataFrame) -> str | None:
@@ -593,9 +666,13 @@ def top_pathway(summary: pd.DataFrame) -> str | None:
     return f"{best['set']} ({effect} {best[effect]:+.2f}{tag})"
 
 
-def per_sample_frame(qc_info: Mapping[str, Any], csc_table: pd.DataFrame | None) -> pd.DataFrame:
+def per_sample_frame(qc_info: Mapping[str, Any], csc_table: pd.DataFrame | None,
+                     malignant_table: pd.DataFrame | None = None) -> pd.DataFrame:
     """One row per sample: cells before and after QC, malignant cells and fraction, CSC-like cells among
-    them, and whether the sample's malignant cells hold a distinct stem-like population (issue 15)."""
+    them, and whether the sample's malignant cells hold a distinct stem-like population (issue 15).
+
+    Without CSC-like calls (an empty csc_by_sample table: stemness not computed) the malignant cells
+    and fraction come from ``malignant_table`` (tables/malignant_summary.tsv), when given."""
     per = qc_info.get("per_sample") or {}
     rows = [{"sample": str(s), "cells before QC": v.get("cells_in"), "cells after QC": v.get("cells_out")}
             for s, v in per.items()]
@@ -607,13 +684,20 @@ def per_sample_frame(qc_info: Mapping[str, Any], csc_table: pd.DataFrame | None)
                           "CSC-like cells": c["n_csc_like"], "CSC-like fraction of malignant": c["frac_csc_like"],
                           "distinct stem-like population": c["distinct"].astype(bool)})
         df = df.merge(c, on="sample", how="outer") if len(df) else c
+    elif malignant_table is not None and len(malignant_table) and {"sample", "n_malignant", "n_cells"} <= set(malignant_table):
+        m = malignant_table[malignant_table["sample"].astype(str) != "all"]
+        m = pd.DataFrame({"sample": m["sample"].astype(str), "malignant cells": m["n_malignant"],
+                          "malignant fraction": m["n_malignant"] / m["n_cells"].where(m["n_cells"] > 0)})
+        df = df.merge(m, on="sample", how="outer") if len(df) else m
     return df
 
 
 def per_sample_view(stages: Mapping[str, Stage]) -> Table | None:
     """The report's per-sample table (only for datasets of several samples)."""
     csc_path = stages["stemness"].table_paths.get("csc_by_sample")
-    df = per_sample_frame(stages["qc"].info, read_tsv(csc_path) if csc_path else None)
+    mal_path = stages["malignant"].table_paths.get("malignant_summary")
+    df = per_sample_frame(stages["qc"].info, read_tsv(csc_path) if csc_path else None,
+                          read_tsv(mal_path) if mal_path else None)
     if len(df) < 2:
         return None
     caption = Markup("Each sample's cells before and after QC (thresholds and doublets computed per sample), its "
@@ -630,10 +714,13 @@ def dataset_summary(dataset_dir: str | Path) -> dict[str, Any]:
     stages = {}
     for key in STAGES:
         files = [d / key / "info.json"] + ([d / "tables" / "pathways_summary.tsv"] if key == "pathways" else []) \
-            + ([d / "tables" / "csc_by_sample.tsv"] if key == "stemness" else [])
+            + ([d / "tables" / "csc_by_sample.tsv"] if key == "stemness" else []) \
+            + ([d / "tables" / "malignant_summary.tsv"] if key == "malignant" else [])
         stages[key] = load_stage(key, [str(f) for f in files], None)
     csc_path = stages["stemness"].table_paths.get("csc_by_sample")
-    samples = per_sample_frame(stages["qc"].info, read_tsv(csc_path) if csc_path else None)
+    mal_path = stages["malignant"].table_paths.get("malignant_summary")
+    samples = per_sample_frame(stages["qc"].info, read_tsv(csc_path) if csc_path else None,
+                               read_tsv(mal_path) if mal_path else None)
     samples = samples.astype(object).where(samples.notna(), None)
     return {"dataset": d.name, "ran": [k for k in STAGES if stages[k].ran], **summarise(stages),
             "samples": samples.to_dict("records")}
