@@ -232,6 +232,7 @@ def test_report_box_lists_what_the_stages_say_they_skipped(panel, pathway_rule, 
     assert text.index(sentence) < text.index("What was analysed")   # near the top, before the first section
     assert niche_skip in text and "Pseudotime was not computed" in text
     assert "CSC-like cells not computed" in text and "CSC-like cells 0.0%" not in text
+    assert "Pseudotime not computed" in text and "Interactions not scored" in text  # the stages' facts
 
     # the niche ran (its info.json skips nothing): it is not named
     files = _stage_files(tmp_path / "b", pathway_rule, stem_info, {"notes": ["147 interactions scored"]})

@@ -401,6 +401,8 @@ def stemness_facts(info: Mapping[str, Any]) -> list[tuple[str, str]]:
 
 
 def pseudotime_facts(info: Mapping[str, Any]) -> list[tuple[str, str]]:
+    if info.get("skipped"):  # its reason is among the stage's notes and in the box at the top
+        return [("Pseudotime", "not computed")]
     root = info.get("root", {}) or {}
     facts = [("Method", info.get("method")), ("Root cell", root.get("barcode")), ("Root cluster", root.get("cluster")),
              ("Why this root", root.get("why")),
@@ -452,6 +454,8 @@ def pathways_facts(info: Mapping[str, Any]) -> list[tuple[str, str]]:
 
 
 def niche_facts(info: Mapping[str, Any]) -> list[tuple[str, str]]:
+    if info.get("skipped"):  # its reason is among the stage's notes and in the box at the top
+        return [("Interactions", "not scored")]
     params = info.get("params", {}) or {}
     axes = info.get("review_axes_specific")
     facts = [("Cells grouped by", params.get("groupby_used")), ("Interactions scored", info.get("n_interactions")),
