@@ -16,7 +16,8 @@ from conftest import require
 
 from metastem import pathways as pw
 from metastem.errors import MetastemError
-from metastem.simulate import BRANCH_A_GENES, BRANCH_B_GENES, CYCLING_GENES, PLANTED_PROGRAMMES, STEM_GENES
+from metastem.simulate import (BRANCH_A_GENES, BRANCH_B_GENES, CYCLING_GENES, PLANTED_DIRECTION, PLANTED_PROGRAMMES,
+                               STEM_GENES)
 
 GENE_SETS = "src/metastem/data/gene_sets"
 
@@ -89,10 +90,14 @@ def test_planted_programmes_are_called_against_the_matched_null_and_unplanted_se
     planted = [s for s in ok if (n := len(set(used[s]) & planted_genes)) >= 2 and n > len(used[s]) / 2]
     unplanted = [s for s in ok if len(set(used[s]) & _structured()) <= 1]
     assert planted and len(unplanted) >= 6, (d["flag"].to_dict(), used.to_dict())
+    down_genes = {g for k, gs in PLANTED_PROGRAMMES.items() if PLANTED_DIRECTION[k] < 0 for g in gs}
     for s in planted:
-        assert d.loc[s, "called"] and d.loc[s, "call"] == "up in CSC-like", (s, d.loc[s].to_dict())
-        assert d.loc[s, "p_null"] < 0.01 and d.loc[s, "effect"] > d.loc[s, "null_high"], s
-        assert d.loc[s, "ci_low"] > 0, s
+        down = len(set(used[s]) & down_genes) > len(used[s]) / 2   # EMT_CORE_DN is planted down
+        want = "down in CSC-like" if down else "up in CSC-like"
+        assert d.loc[s, "called"] and d.loc[s, "call"] == want, (s, d.loc[s].to_dict())
+        assert d.loc[s, "p_null"] < 0.01, s
+        assert (d.loc[s, "effect"] < d.loc[s, "null_low"]) if down else (d.loc[s, "effect"] > d.loc[s, "null_high"]), s
+        assert (d.loc[s, "ci_high"] < 0) if down else (d.loc[s, "ci_low"] > 0), s
     assert not d.loc[[s for s in unplanted if not s.startswith("RANDOM_")], "called"].any()
     assert d.loc[[f"RANDOM_{i}" for i in range(10)], "called"].sum() <= 1, d.filter(like="RANDOM_", axis=0)
     # Random genes often never reach a cell's top 5 %: measured 4 of 10 no_signal, never 'ok'.

@@ -9,8 +9,15 @@ What it models, and why each part is there:
   does in real data (Gulati et al. 2020) — what a CytoTRACE-style score must recover;
 - a cycling module (S/G2M genes) peaking in transit-amplifying progenitors, not in the stem cells,
   so "stem-like" and "dividing" can be told apart;
-- migration/metastasis programmes (CXCR4/CXCL12, HGF-MET, Wnt, Notch, ...) planted in a random
-  subset of stem-like cells only, with the planted genes recorded in ``uns['simulation']``;
+- migration/metastasis programmes planted in a random subset of stem-like cells only: shipped tumour-side
+  readout sets under their shipped names (Wnt, Notch, Hedgehog targets and the mesenchymal EMT arm raised,
+  the epithelial arm EMT_CORE_DN lowered), with the truth (set, direction, effect size) recorded in
+  ``uns['simulation']['planted_truth']``; every other shipped set is left unplanted, and every gene of the
+  shipped sets is simulated (outside the breadth module), so each set can be scored and the unplanted
+  ones stay flat between stem-like and other malignant cells;
+- gene-level parameters (gene universe, baselines, batch shifts, CNVs) are drawn before any cell, so the
+  same seed with more cells is a larger sample of the same tumours (how tests get a planted effect's
+  population value on any statistic's own scale);
 - mitochondrial, ribosomal and haemoglobin genes, low-quality cells (few counts, high % mito) and
   doublets (sums of two cells), each flagged in obs.
 
@@ -32,16 +39,26 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-# Planted programmes: genes chosen from the curated pathway sets, avoiding genes that the curated
-# sets share with unplanted ones, so that "unplanted" stays clean.
+# Planted programmes (issue 16): shipped tumour-side readout sets of data/gene_sets/metastasis_human.gmt, whole and
+# under their shipped names, shifted in the programme cells (a random ``frac_programme_cells`` of the stem-like
+# malignant cells, graded activity): four raised, the epithelial arm of the signed EMT pair lowered (migrating
+# CSCs are mesenchymal). Every other shipped set is left unplanted: its genes vary only with the baseline, the
+# patient's batch shift and CNVs, never between stem-like and other malignant cells (they are kept out of the
+# breadth module). tests/test_simulate.py checks that these lists equal the shipped sets.
 PLANTED_PROGRAMMES: dict[str, list[str]] = {
-    "CXCL12_CXCR4": ["CXCR4", "CXCL12", "ACKR3"],
-    "HGF_MET": ["MET", "HGF"],
-    "WNT_BETACATENIN": ["CTNNB1", "LEF1", "TCF7", "AXIN2", "LGR5", "TCF7L2", "WNT3A"],
-    "NOTCH": ["NOTCH1", "NOTCH2", "HES1", "HEY1", "DLL1", "RBPJ"],
-    "HEDGEHOG": ["GLI1", "PTCH1", "SMO", "GLI2", "HHIP", "SHH"],
-    "EMT_CORE": ["SNAI1", "SNAI2", "TWIST1", "ZEB1", "ZEB2", "VIM"],
+    "WNT_BETACATENIN": ["AXIN2", "NKD1", "NKD2", "NOTUM", "SP5", "LGR5", "RNF43", "ZNRF3", "APCDD1"],
+    "NOTCH": ["HES1", "HES5", "HEY1", "HEY2", "HEYL", "NRARP"],
+    "HEDGEHOG": ["GLI1", "PTCH1", "PTCH2", "HHIP"],
+    "EMT_CORE": ["SNAI1", "SNAI2", "TWIST1", "ZEB1", "ZEB2", "VIM", "CDH2", "FN1"],
+    "EMT_CORE_DN": ["CDH1", "CLDN4", "CLDN7", "OCLN", "ESRP1", "GRHL2", "KRT19"],
 }
+PLANTED_DIRECTION: dict[str, int] = {"WNT_BETACATENIN": 1, "NOTCH": 1, "HEDGEHOG": 1, "EMT_CORE": 1, "EMT_CORE_DN": -1}
+PROGRAMME_LOG_EFFECT = 4.0  # log-mean shift of a programme gene in a programme cell at activity 1
+PROGRAMME_ACTIVITY = (0.3, 1.0)  # activity of a programme cell ~ uniform on this range (0 in every other cell)
+# The lowered arm is carcinoma identity: its epithelial genes are raised by this log-mean in every malignant cell, so
+# that what the programme cells lose is expressed to begin with (a rank score such as AUCell cannot see a fall in
+# genes that never reach a cell's top ranks).
+EPITHELIAL_LOG_EFFECT = 3.0
 STEM_GENES = ["SOX2", "PROM1", "CD44", "ALDH1A1", "ITGA6", "NES", "BMI1", "LIN28B", "SALL4", "MSI1",
               "KLF4", "POU5F1", "NANOG", "LIN28A", "DPPA4", "TDGF1", "L1TD1", "ZFP42", "SOX4", "SOX11",
               "CD34", "THY1", "ABCG2", "EPCAM", "LRIG1", "OLFM4", "ASCL2", "SOX9", "HMGA2", "IGF2BP1"]
@@ -61,9 +78,27 @@ def human_gene_symbols() -> list[str]:
         return [line.strip() for line in fh if line.strip() and not line.startswith("#")]
 
 
+def curated_gene_sets(species: str = "human") -> dict[str, list[str]]:
+    """The shipped metastasis gene sets (data/gene_sets/metastasis_<species>.gmt) as {set: genes}."""
+    path = resources.files("metastem") / "data" / "gene_sets" / f"metastasis_{species}.gmt"
+    sets = {}
+    for line in path.read_text().splitlines():
+        parts = line.rstrip("\n").split("\t")
+        if len(parts) > 2 and not line.startswith("#"):
+            sets[parts[0]] = [g for g in parts[2:] if g]
+    return sets
+
+
+def _curated_genes() -> list[str]:
+    """Every gene of the shipped human metastasis sets: always simulated, so that every shipped set can be
+    scored on the demo, and never in the breadth module, so that an unplanted set stays unplanted."""
+    return list(dict.fromkeys(g for genes in curated_gene_sets().values() for g in genes))
+
+
 def _gene_universe(n_genes: int, rng: np.random.Generator) -> list[str]:
     required = (STEM_GENES + CYCLING_GENES + BRANCH_A_GENES + BRANCH_B_GENES + MITO_GENES + HB_GENES
-                + [g for genes in PLANTED_PROGRAMMES.values() for g in genes])
+                + [g for genes in PLANTED_PROGRAMMES.values() for g in genes] + _curated_genes()
+                + [p[k] for p in PLANTED_INTERACTIONS for k in ("ligand", "receptor")])
     pool = human_gene_symbols()
     ribo = [g for g in pool if g.startswith(("RPL", "RPS")) and g[3:4].isdigit()][:80]
     required = list(dict.fromkeys(required + ribo))
@@ -248,10 +283,33 @@ def _assemble_rows(blocks: list[sp.csr_matrix], order: np.ndarray, n_cols: int) 
     return X
 
 
+def _planted_truth(frac_programme_cells: float) -> str:
+    """The planted programmes as JSON text (h5ad holds no nested records): one record per set with its
+    direction and effect sizes on the simulator's log-mean scale."""
+    lo, hi = PROGRAMME_ACTIVITY
+    recs = [{"set": k, "direction": "up" if PLANTED_DIRECTION[k] > 0 else "down", "genes": list(v),
+             "cells": "programme cells: a random frac_programme_cells of the stem-like malignant cells",
+             "frac_stem_like_cells": float(frac_programme_cells), "activity": [lo, hi],
+             "baseline_log_effect_malignant": EPITHELIAL_LOG_EFFECT if PLANTED_DIRECTION[k] < 0 else 0.0,
+             "log_effect_per_activity": PLANTED_DIRECTION[k] * PROGRAMME_LOG_EFFECT,
+             # mean log-mean shift over all stem-like cells (programme share x mean activity x effect)
+             "mean_log_effect_stem_like": PLANTED_DIRECTION[k] * PROGRAMME_LOG_EFFECT * frac_programme_cells
+             * (lo + hi) / 2}
+            for k, v in PLANTED_PROGRAMMES.items()]
+    return json.dumps(recs)
+
+
+def planted_truth(adata: ad.AnnData) -> pd.DataFrame:
+    """The planted programmes of a simulated AnnData (``uns['simulation']['planted_truth']``), one row per set:
+    ``set``, ``direction`` ('up' / 'down' in stem-like malignant cells), ``genes``, ``frac_stem_like_cells``,
+    ``log_effect_per_activity`` and ``mean_log_effect_stem_like`` (log-mean scale, signed)."""
+    return pd.DataFrame(json.loads(adata.uns["simulation"]["planted_truth"]))
+
+
 def _simulate_single(n_cells: int, n_genes: int, *, seed: int, frac_doublets: float, frac_low_quality: float,
                      mean_library_size: float, frac_programme_cells: float, chunk_size: int) -> ad.AnnData:
-    """One sample of malignant cells only, no CNVs: the simulator as it was before the tumour cohort
-    (identical counts for the same seed), selected by n_samples=1, frac_normal=0, n_cnv_arms=0."""
+    """One sample of malignant cells only, no CNVs: the model as it was before the tumour cohort, selected by
+    n_samples=1, frac_normal=0, n_cnv_arms=0."""
     rng = np.random.default_rng(seed)
     genes = _gene_universe(n_genes, rng)
     g_index = {g: i for i, g in enumerate(genes)}
@@ -264,7 +322,9 @@ def _simulate_single(n_cells: int, n_genes: int, *, seed: int, frac_doublets: fl
     a_i, b_i, mito_i, hb_i = idx(BRANCH_A_GENES), idx(BRANCH_B_GENES), idx(MITO_GENES), idx(HB_GENES)
     ribo_i = np.array([i for g, i in g_index.items() if g.startswith(("RPL", "RPS"))], dtype=int)
     prog_i = {k: idx(v) for k, v in PLANTED_PROGRAMMES.items()}
-    special = np.unique(np.concatenate([stem_i, cyc_i, a_i, b_i, mito_i, hb_i, ribo_i, *prog_i.values()]))
+    epi_i = np.concatenate([gi for k, gi in prog_i.items() if PLANTED_DIRECTION[k] < 0])
+    special = np.unique(np.concatenate([stem_i, cyc_i, a_i, b_i, mito_i, hb_i, ribo_i, *prog_i.values(),
+                                        idx(_curated_genes())]))
     base[special] = rng.normal(-0.5, 0.5, size=special.size)
     base[mito_i] = rng.normal(2.5, 0.4, size=mito_i.size)
     base[ribo_i] = rng.normal(2.0, 0.5, size=ribo_i.size)
@@ -286,7 +346,7 @@ def _simulate_single(n_cells: int, n_genes: int, *, seed: int, frac_doublets: fl
     programme = stem_like & (rng.random(n) < frac_programme_cells)
     # Graded activity, strongest in the earliest cells: real programmes vary continuously, and an
     # on/off switch would split the stem compartment into a separate island of the kNN graph.
-    activity = programme * rng.uniform(0.3, 1.0, size=n)
+    activity = programme * rng.uniform(*PROGRAMME_ACTIVITY, size=n)
     mito_shift = rng.normal(0.0, 0.2, size=n)  # cell-to-cell spread of the mitochondrial fraction
     low_q = rng.random(n) < frac_low_quality
     lib = rng.lognormal(np.log(mean_library_size), 0.35, size=n)
@@ -303,7 +363,8 @@ def _simulate_single(n_cells: int, n_genes: int, *, seed: int, frac_doublets: fl
         (cyc_i, 2.5 * np.exp(-((t - 0.35) ** 2) / 0.01)),
         (a_i, 3.5 * ramp * (branch == "A")),
         (b_i, 3.5 * ramp * (branch == "B")),
-        *[(gi, 3.0 * activity) for gi in prog_i.values()],
+        *[(gi, PLANTED_DIRECTION[k] * PROGRAMME_LOG_EFFECT * activity) for k, gi in prog_i.items()],
+        (epi_i, np.full(n, EPITHELIAL_LOG_EFFECT)),
         (mito_i, 2.5 * low_q + mito_shift),
     ]
     # Blocks of at most 2000 cells: the per-block arrays stay below glibc's mmap threshold range, which
@@ -335,6 +396,7 @@ def _simulate_single(n_cells: int, n_genes: int, *, seed: int, frac_doublets: fl
     adata.uns["simulation"] = {
         "seed": seed, "n_cells": n_cells, "n_genes": n_g,
         "planted_programmes": {k: list(v) for k, v in PLANTED_PROGRAMMES.items()},
+        "planted_truth": _planted_truth(frac_programme_cells),
         "stem_genes": STEM_GENES, "cycling_genes": CYCLING_GENES,
     }
     return adata
@@ -352,12 +414,17 @@ NORMAL_TYPES: dict[str, list[str]] = {
     "endothelial": ["PECAM1", "VWF", "KDR", "FLT1", "CDH5", "CLDN5", "EMCN", "ESAM"],
 }
 NORMAL_TYPE_SHARES = {"T_cell": 0.35, "myeloid": 0.25, "fibroblast": 0.25, "endothelial": 0.15}
-# Planted ligand-receptor pairs (issue 16): niche ligands made by fibroblasts, their receptors raised in
-# every stem-like malignant cell (on top of the graded programmes above).
+# Planted ligand-receptor pairs (issue 16): niche ligands made by stromal and immune cells (log-mean +6.5 in the
+# sender type), their receptors raised in every stem-like malignant cell (+2.0, on top of the graded programmes
+# above): fibroblast CXCL12 -> CXCR4 and HGF -> MET, endothelial Jagged-1 -> NOTCH1 (the Notch readout is planted
+# in the same cells), myeloid osteopontin (SPP1) -> CD44.
 PLANTED_INTERACTIONS: list[dict[str, str]] = [
     {"ligand": "CXCL12", "receptor": "CXCR4", "sender": "fibroblast", "receiver": "stem_like_malignant"},
     {"ligand": "HGF", "receptor": "MET", "sender": "fibroblast", "receiver": "stem_like_malignant"},
+    {"ligand": "JAG1", "receptor": "NOTCH1", "sender": "endothelial", "receiver": "stem_like_malignant"},
+    {"ligand": "SPP1", "receptor": "CD44", "sender": "myeloid", "receiver": "stem_like_malignant"},
 ]
+LIGAND_LOG_EFFECT, RECEPTOR_LOG_EFFECT = 6.5, 2.0
 # In the cohort, the malignant branch B is mesenchymal-like (smooth-muscle genes and its own extra genes)
 # without the fibroblast ECM genes, so that fibroblasts stay the only COL1A1/DCN-high cells.
 _FIBROBLAST_ONLY = {"COL1A1", "COL1A2", "COL3A1", "DCN", "LUM", "POSTN", "SPARC"}
@@ -444,11 +511,14 @@ def _simulate_cohort(n_cells: int, n_genes: int, *, seed: int, frac_doublets: fl
     mito_i, hb_i = idx(MITO_GENES), idx(HB_GENES)
     ribo_i = np.array([i for g, i in g_index.items() if g.startswith(("RPL", "RPS"))], dtype=int)
     prog_i = {k: idx(v) for k, v in PLANTED_PROGRAMMES.items()}
+    epi_i = np.concatenate([gi for k, gi in prog_i.items() if PLANTED_DIRECTION[k] < 0])
     type_i = {k: idx(v) for k, v in NORMAL_TYPES.items()}
-    ligand_i = idx([p["ligand"] for p in PLANTED_INTERACTIONS])
+    ligand_i = {k: idx([p["ligand"] for p in PLANTED_INTERACTIONS if p["sender"] == k])
+                for k in dict.fromkeys(p["sender"] for p in PLANTED_INTERACTIONS)}
     receptor_i = idx([p["receptor"] for p in PLANTED_INTERACTIONS])
     special = np.unique(np.concatenate([stem_i, cyc_i, idx(BRANCH_A_GENES), idx(BRANCH_B_GENES), mito_i, hb_i,
-                                        ribo_i, *prog_i.values(), *type_i.values(), idx(extra_required)]))
+                                        ribo_i, *prog_i.values(), *type_i.values(), idx(extra_required),
+                                        idx(_curated_genes()), *ligand_i.values(), receptor_i]))
     base[special] = rng.normal(-0.5, 0.5, size=special.size)
     base[mito_i] = rng.normal(2.5, 0.4, size=mito_i.size)
     base[ribo_i] = rng.normal(2.0, 0.5, size=ribo_i.size)
@@ -500,7 +570,7 @@ def _simulate_cohort(n_cells: int, n_genes: int, *, seed: int, frac_doublets: fl
     branch = np.where(~malignant, "normal", np.where(t_m < 0.3, "trunk", np.where(rng.random(n) < 0.5, "A", "B")))
     stem_like = malignant & (t_m < 0.2)
     programme = stem_like & (rng.random(n) < frac_programme_cells)
-    activity = programme * rng.uniform(0.3, 1.0, size=n)
+    activity = programme * rng.uniform(*PROGRAMME_ACTIVITY, size=n)
     mito_shift = rng.normal(0.0, 0.2, size=n)
     low_q = rng.random(n) < frac_low_quality
     lib = rng.lognormal(np.log(mean_library_size), 0.35, size=n)
@@ -519,11 +589,12 @@ def _simulate_cohort(n_cells: int, n_genes: int, *, seed: int, frac_doublets: fl
         (cyc_i, 2.5 * np.exp(-((t_m - 0.35) ** 2) / 0.01) * malignant),
         (a_i, 3.5 * ramp * (branch == "A")),
         (b_i, 3.5 * ramp * (branch == "B")),
-        *[(gi, 3.0 * activity) for gi in prog_i.values()],
+        *[(gi, PLANTED_DIRECTION[k] * PROGRAMME_LOG_EFFECT * activity) for k, gi in prog_i.items()],
+        (epi_i, EPITHELIAL_LOG_EFFECT * malignant),
         (mito_i, 2.5 * low_q + mito_shift),
         *[(gi, 6.5 * (cell_type == k)) for k, gi in type_i.items()],
-        (ligand_i, 6.5 * (cell_type == "fibroblast")),
-        (receptor_i, 2.0 * stem_like),
+        *[(gi, LIGAND_LOG_EFFECT * (cell_type == k)) for k, gi in ligand_i.items()],
+        (receptor_i, RECEPTOR_LOG_EFFECT * stem_like),
     ]
     arm_values = arm.to_numpy()
     for s, evs in enumerate(events):
@@ -570,6 +641,7 @@ def _simulate_cohort(n_cells: int, n_genes: int, *, seed: int, frac_doublets: fl
     adata.uns["simulation"] = {
         "seed": seed, "n_cells": n_cells, "n_genes": n_g, "n_samples": n_samples, "samples": samples,
         "planted_programmes": {k: list(v) for k, v in PLANTED_PROGRAMMES.items()},
+        "planted_truth": _planted_truth(frac_programme_cells),
         "stem_genes": STEM_GENES, "cycling_genes": CYCLING_GENES,
         "normal_types": {k: list(v) for k, v in NORMAL_TYPES.items()},
         "planted_interactions": json.dumps(PLANTED_INTERACTIONS),
@@ -605,18 +677,20 @@ def simulate_tumour(n_cells: int = 3000, n_genes: int = 4000, *, seed: int = 0,
       shares differ per patient (8 % to 22 %), so that per-patient calls can be checked;
     - normal T cells, myeloid cells, fibroblasts and endothelial cells (``NORMAL_TYPES``), without CNVs,
       with a differentiated (low) breadth of transcription;
-    - planted ligand-receptor pairs (``PLANTED_INTERACTIONS``): fibroblasts make CXCL12 and HGF, every
-      stem-like malignant cell raises CXCR4 and MET; the migration programmes are planted as before.
+    - planted ligand-receptor pairs (``PLANTED_INTERACTIONS``): fibroblasts make CXCL12 and HGF, endothelial
+      cells JAG1, myeloid cells SPP1; every stem-like malignant cell raises CXCR4, MET, NOTCH1 and CD44;
+      the readout programmes (``PLANTED_PROGRAMMES``, signed by ``PLANTED_DIRECTION``) are planted as in the
+      single-sample model.
 
     ``n_samples=1, frac_normal=0, n_cnv_arms=0`` gives the single-sample simulator (malignant cells of one
-    patient only, no CNVs) with exactly the counts it gave before the cohort existed.
+    patient only, no CNVs), the model as it was before the cohort existed.
 
     Returns AnnData (CSR float32 counts) with ground truth in ``obs``: ``true_pseudotime`` (NaN for
     normal cells), ``true_stem_like``, ``true_branch`` ('normal' for normal cells), ``true_state``,
     ``true_doublet``, ``true_low_quality``, ``true_programme``; for a cohort also ``sample`` and
     ``true_sample`` (the patient), ``true_malignant`` and ``true_cell_type``; planted values in
-    ``uns['simulation']`` (``cnv_events`` and ``planted_interactions`` as JSON text, ``stem_fraction``
-    per patient).
+    ``uns['simulation']`` (``cnv_events``, ``planted_interactions`` and ``planted_truth`` as JSON text, read
+    the last with :func:`planted_truth`; ``stem_fraction`` per patient).
     """
     if n_samples < 1:
         raise ValueError("n_samples must be at least 1")
