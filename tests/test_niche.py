@@ -17,14 +17,14 @@ GROUPS = {"malignant_csc": 60, "malignant_other": 300, "fibroblast": 150, "T cel
           "endothelial": 100}
 
 
-def _planted(seed: int = 0, plant: bool = True) -> ad.AnnData:
+def _planted(seed: int = 0, plant: bool = True, genes_seed: int | None = None) -> ad.AnnData:
     """Log-normalised Poisson data over 400 resource genes: random group-specific expression everywhere
     (so that many pairs are 'specific' by chance), plus CXCL12 high in fibroblasts and CXCR4 high in
-    CSC-like cells when ``plant``."""
+    CSC-like cells when ``plant``. ``genes_seed``: choose the genes with their own seed (same genes, new data)."""
     rng = np.random.default_rng(seed)
     res = niche.load_resource()
     genes = sorted({g for c in pd.concat([res["ligand"], res["receptor"]]) for g in c.split("_")})
-    genes = list(rng.choice([g for g in genes if g not in ("CXCL12", "CXCR4")], 398, replace=False))
+    genes = list((rng if genes_seed is None else np.random.default_rng(genes_seed)).choice([g for g in genes if g not in ("CXCL12", "CXCR4")], 398, replace=False))
     genes += ["CXCL12", "CXCR4"]
     kinds = np.repeat(list(GROUPS), list(GROUPS.values()))
     mu = {k: rng.lognormal(-1.0, 1.0, len(genes)) for k in GROUPS}  # group-level means
@@ -150,7 +150,10 @@ def test_fallbacks_are_noted_not_guessed():
 
 
 def test_the_simulators_planted_interaction_is_found():
-    """H5's cohort simulator plants fibroblast CXCL12 -> stem-like CXCR4 (and HGF -> MET)."""
+    """The cohort simulator plants fibroblast CXCL12 -> stem-like CXCR4 and HGF -> MET, endothelial JAG1 -> NOTCH1
+    and myeloid SPP1 -> CD44. Measured: each p = 1/301 (the floor), overall ranks 1, 2, 4 and 28 of 724 rows
+    (HGF -> MET is outranked by HGF -> CD44: CD44 is also a stem gene, so the planted ligand meets a stronger
+    receptor); the four best rows are the planted ligands from their planted senders to CSC-like cells."""
     from metastem import simulate
 
     planted = getattr(simulate, "PLANTED_INTERACTIONS", None)
@@ -172,7 +175,10 @@ def test_the_simulators_planted_interaction_is_found():
         row = t[(t["ligand"] == pi["ligand"]) & (t["receptor"] == pi["receptor"]) & (t["sender"] == pi["sender"])
                 & (t["receiver"] == niche.CSC_GROUP)]
         assert len(row) == 1 and row["p"].iloc[0] < 0.01, (pi, row.to_dict("records"))
-        assert row["rank"].iloc[0] <= max(10, 0.01 * len(t)), (pi, int(row["rank"].iloc[0]), len(t))
+        assert row["rank"].iloc[0] <= max(10, 0.05 * len(t)), (pi, int(row["rank"].iloc[0]), len(t))
+    top = t.head(len(planted))
+    assert (top["receiver"] == niche.CSC_GROUP).all()
+    assert set(zip(top["sender"], top["ligand"])) <= {(pi["sender"], pi["ligand"]) for pi in planted}, top
 
 
 def test_schema_defaults_equal_the_signature_and_the_rule_script_runs(repo, tmp_path):
@@ -193,8 +199,7 @@ def test_schema_defaults_equal_the_signature_and_the_rule_script_runs(repo, tmp_
     adata.layers["counts"] = adata.X.copy()
     adata.obs["leiden"] = pd.Categorical(adata.obs["cell_type"].cat.codes.astype(str))
     adata.write_h5ad(tmp_path / "final.h5ad")
-    out = {"info": tmp_path / "niche/info.json", "interactions": tmp_path / "tables/niche_interactions.tsv",
-           "figure": tmp_path / "figures/niche_interactions.png"}
+    out = _outputs(tmp_path)
     smk = SimpleNamespace(input=SimpleNamespace(h5ad=str(tmp_path / "final.h5ad")),
                           output=SimpleNamespace(**{k: str(v) for k, v in out.items()}),
                           params=SimpleNamespace(row={"species": "human", "labels": "cell_type"},
@@ -210,6 +215,113 @@ def test_schema_defaults_equal_the_signature_and_the_rule_script_runs(repo, tmp_
     info = json.loads(out["info"].read_text())
     assert info["params"]["groupby_used"] == "cell_type" and "CXCL12->CXCR4" in info["review_axes_specific"]
     assert info["n_interactions"] == len(table) and out["figure"].stat().st_size > 10000
+    # no obs 'sample': one sample, so every interaction is descriptive and the per-sample rows are the pooled run
+    by = pd.read_csv(out["by_sample"], sep="\t", keep_default_na=False)
+    assert list(by.columns) == niche.BY_SAMPLE_COLUMNS and set(by["sample"]) == {"all cells"}
+    assert (table["replication"] == "descriptive (n = 1 sample)").all()
+    assert info["replication"]["n_samples"] == 1 and "skipped" not in info
+
+
+def _outputs(tmp_path):
+    return {"info": tmp_path / "niche/info.json", "interactions": tmp_path / "tables/niche_interactions.tsv",
+            "by_sample": tmp_path / "tables/niche_by_sample.tsv", "figure": tmp_path / "figures/niche_interactions.png"}
+
+
+def test_without_csc_like_cells_the_stage_writes_skipped_outputs(repo, tmp_path):
+    """stemness.required: false on data without stemness genes: stemness NaN, no CSC-like cell. The stage completes
+    with info.json 'skipped', tables with their headers and an empty figure named in figure_notes."""
+    import runpy
+    from types import SimpleNamespace
+
+    from metastem.smk.config import load_schema, validate_with_defaults
+
+    cfg = validate_with_defaults({}, load_schema(repo / "workflow/schemas/config.schema.yaml"), where="defaults")
+    adata = _planted(seed=4)
+    adata.obs["csc_like"] = False
+    adata.obs["stemness"] = np.nan
+    adata.obs["leiden"] = pd.Categorical(adata.obs["cell_type"].cat.codes.astype(str))
+    assert "no stemness score" in niche.skip_reason(adata)
+    called = adata.copy()
+    called.obs["stemness"] = 0.5
+    assert "no malignant cell was called CSC-like" in niche.skip_reason(called)
+    called.obs["csc_like"] = called.obs["malignant"] & (np.arange(called.n_obs) % 7 == 0)
+    assert niche.skip_reason(called) is None
+    adata.write_h5ad(tmp_path / "final.h5ad")
+    out = _outputs(tmp_path)
+    smk = SimpleNamespace(input=SimpleNamespace(h5ad=str(tmp_path / "final.h5ad")),
+                          output=SimpleNamespace(**{k: str(v) for k, v in out.items()}),
+                          params=SimpleNamespace(row={"species": "human", "labels": ""},
+                                                 params={"niche": cfg["niche"], "seed": 0}),
+                          log=[str(tmp_path / "niche.log")], threads=1, rule="niche",
+                          wildcards=SimpleNamespace(dataset="nostem"), scriptdir=str(repo / "workflow/scripts"))
+    runpy.run_path(str(repo / "workflow/scripts/niche.py"), init_globals={"snakemake": smk})
+    info = json.loads(out["info"].read_text())
+    assert "no stemness score" in info["skipped"] and info["n_interactions"] == 0
+    assert info["figure_notes"] == {"niche_interactions": info["skipped"]}
+    assert out["figure"].is_file() and out["figure"].stat().st_size == 0
+    for key, cols in (("interactions", niche.COLUMNS), ("by_sample", niche.BY_SAMPLE_COLUMNS)):
+        tab = pd.read_csv(out[key], sep="\t")
+        assert list(tab.columns) == cols and tab.empty, key
+
+
+def _samples(n: int, absent_in: tuple[int, ...] = ()) -> ad.AnnData:
+    """``n`` tumours of the planted data (each its own random background); CXCR4 silenced in the samples listed
+    in ``absent_in``; the last sample's endothelial cells cut to 5 (below min_cells)."""
+    parts = []
+    for i in range(n):
+        a = _planted(seed=10 + i, genes_seed=10)
+        if i in absent_in:
+            X = a.X.tolil()
+            X[:, a.var_names.get_loc("CXCR4")] = 0
+            a.X = sp.csr_matrix(X)
+        if i == n - 1:
+            endo = np.flatnonzero(a.obs["cell_type"] == "endothelial")
+            a = a[np.setdiff1d(np.arange(a.n_obs), endo[5:])].copy()
+        a.obs_names = [f"S{i}_{c}" for c in a.obs_names]
+        a.obs["sample"] = f"S{i}"
+        parts.append(a)
+    return ad.concat(parts, merge="same")
+
+
+def test_per_sample_replication_counts_samples_not_cells():
+    """A pair planted in every sample is 'replicated (k of k samples)'; silenced in one of four samples (present in
+    3 of 4, below 80 %) it is not; with two samples it is descriptive. Groups too small in a sample are skipped
+    there with a note."""
+    kw = dict(groupby="cell_type", n_perms=100, max_cells_per_group=120, seed=0)
+
+    def pair(a):
+        t = niche.interactions_table(a)
+        return t[(t["sender"] == "fibroblast") & (t["receiver"] == niche.CSC_GROUP) & (t["ligand"] == "CXCL12")
+                 & (t["receptor"] == "CXCR4")].iloc[0]
+
+    a = _samples(3)
+    niche.niche_interactions(a, **kw)
+    row = pair(a)
+    assert row["replication"] == "replicated (3 of 3 samples)" and row["n_samples_present"] == 3, row.to_dict()
+    by = niche.by_sample_table(a)
+    assert list(by.columns) == niche.BY_SAMPLE_COLUMNS and set(by["sample"]) == {"S0", "S1", "S2"}
+    # endothelial cells of S2 are 5 (< min_cells 10): S2 tests no endothelial pair, and says so
+    endo = by[(by["sender"] == "endothelial") | (by["receiver"] == "endothelial")]
+    assert len(endo) and "S2" not in set(endo["sample"])
+    assert any(n.startswith("Sample S2: 1 group(s)") and "endothelial" in n for n in niche.notes(a))
+    t = niche.interactions_table(a)
+    assert (t.loc[t["sender"] == "endothelial", "n_samples_tested"] == 2).all()
+    assert t.loc[t["sender"] == "endothelial", "replication"].str.startswith("descriptive (n = 2").all()
+
+    b = _samples(4, absent_in=(1,))
+    niche.niche_interactions(b, **kw)
+    row = pair(b)
+    assert row["p"] < 0.05 and row["replication"] == "not replicated (3 of 4 samples)", row.to_dict()
+    s1 = niche.by_sample_table(b).set_index(["sample", "sender", "receiver", "ligand", "receptor"])
+    assert not s1.loc[("S1", "fibroblast", niche.CSC_GROUP, "CXCL12", "CXCR4"), "present"]
+
+    c = _samples(2)
+    niche.niche_interactions(c, **kw)
+    assert pair(c)["replication"] == "descriptive (n = 2 samples)"
+    assert niche.MIN_REPLICATION_SAMPLES == 3 and niche.MIN_PRESENT_FRACTION == 0.8  # the pathway stage's rule
+    from metastem import pathways
+
+    assert (pathways.MIN_REPLICATION_SAMPLES, pathways.MIN_SIGN_FRACTION) == (3, 0.8)
 
 
 def test_mouse_data_use_the_mouse_resource_and_axes():

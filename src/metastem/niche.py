@@ -40,8 +40,13 @@ log = logging.getLogger(__name__)
 
 CSC_GROUP = "CSC-like"
 MALIGNANT_GROUP = "other malignant"
+REPLICATION_COLUMNS = ["n_samples_tested", "n_samples_present", "replication"]
 COLUMNS = ["sender", "receiver", "ligand", "receptor", "magnitude", "specificity", "p", "q", "lr_mean",
-           "ligand_mean", "ligand_prop", "receptor_mean", "receptor_prop", "review_axis", "rank"]
+           "ligand_mean", "ligand_prop", "receptor_mean", "receptor_prop", "review_axis", "rank",
+           *REPLICATION_COLUMNS]
+BY_SAMPLE_COLUMNS = ["sample", "sender", "receiver", "ligand", "receptor", "magnitude", "specificity", "p", "present"]
+MIN_REPLICATION_SAMPLES = 3   # as the pathway stage: 'replicated' needs at least this many samples tested ...
+MIN_PRESENT_FRACTION = 0.8    # ... with the interaction present (p < alpha in that sample) in this share of them
 
 # The review's axes: (ligands, receptors). A name ending in '*' is a family prefix. An interaction belongs
 # to an axis when one ligand subunit and one receptor subunit match (complexes are written A_B by LIANA).
@@ -217,9 +222,9 @@ def _bh(p: np.ndarray) -> np.ndarray:
 def niche_interactions(adata: ad.AnnData, *, groupby: str = Obs.LEIDEN, csc_key: str = Obs.CSC_LIKE,
                        malignant_key: str = Obs.MALIGNANT, resource: str = "liana_consensus",
                        species: str = "human", n_perms: int = 1000, expr_prop: float = 0.1, min_cells: int = 10,
-                       max_cells_per_group: int = 300, alpha: float = 0.05, layer: str | None = None,
-                       seed: int = 0, n_jobs: int = 1, key_added: str = Uns.NICHE,
-                       copy: bool = False) -> ad.AnnData | None:
+                       max_cells_per_group: int = 300, alpha: float = 0.05, per_sample: bool = True,
+                       sample_key: str = Obs.SAMPLE, layer: str | None = None, seed: int = 0, n_jobs: int = 1,
+                       key_added: str = Uns.NICHE, copy: bool = False) -> ad.AnnData | None:
     """Ligand-receptor interactions between CSC-like malignant cells and every other cell group (LIANA+).
 
     Cells are grouped by :func:`niche_groups`: CSC-like malignant cells, the other malignant cells, and
@@ -249,7 +254,15 @@ def niche_interactions(adata: ad.AnnData, *, groupby: str = Obs.LEIDEN, csc_key:
     max_cells_per_group
         Cells kept per group (seeded subsample), so that the cost is bounded whatever the dataset size.
     alpha
-        Interactions with p below this rank first (then by magnitude): the CellPhoneDB convention.
+        Interactions with p below this rank first (then by magnitude): the CellPhoneDB convention. In the
+        per-sample replication an interaction is *present* in a sample when its p there is below alpha.
+    per_sample
+        Also score each sample on its own (the sample, not the cell, is the unit of replication): the same
+        groups within the sample, groups with fewer than ``min_cells`` cells of that sample skipped (noted),
+        a sample with too few CSC-like cells not tested. Cost: one LIANA run per sample, each on at most
+        ``max_cells_per_group`` cells per group.
+    sample_key
+        obs column of samples; absent: the cells are one sample and the pooled run is its run.
     layer
         Layer of log-normalised values to use instead of ``X``.
     seed
@@ -272,14 +285,21 @@ def niche_interactions(adata: ad.AnnData, *, groupby: str = Obs.LEIDEN, csc_key:
       groups), ``p`` (CellPhoneDB permutation p of the pair's mean expression, as (b + 1) / (n_perms + 1):
       never 0), ``q`` (BH over the table),
       ``lr_mean`` (mean of ligand and receptor means), per-group ligand/receptor means and detected
-      fractions, ``review_axis`` ('' when none) and ``rank``; ``groups`` (cells per group, cells used);
-      ``params_json`` and ``notes_json`` (JSON text: h5ad holds no None).
+      fractions, ``review_axis`` ('' when none), ``rank``, and the per-sample summary ``n_samples_tested``
+      (samples in which both groups have ``min_cells`` cells), ``n_samples_present`` (of those, samples where the
+      interaction has p < alpha) and ``replication`` ('replicated (k of n samples)' with >= 3 samples tested and
+      present in >= 80 %, 'not replicated (k of n samples)', or 'descriptive (n = k samples)' with fewer, as the
+      pathway stage labels its results); ``by_sample``: one row per tested (sample, interaction) with that
+      sample's ``magnitude``, ``specificity``, ``p`` (NaN when the pair did not pass expr_prop there) and
+      ``present``; ``groups`` (cells per group, cells used); ``params_json`` and ``notes_json`` (JSON text:
+      h5ad holds no None).
 
     Notes
     -----
     Cells are not independent samples: the p-value is a label permutation within one dataset and says
     that the ligand and receptor are specific to this pair of groups, not that they communicate, nor that
-    the result replicates across tumours. Expression of a pair is necessary, not sufficient, for signalling.
+    the result replicates across tumours (the per-sample columns say whether it does). Expression of a pair
+    is necessary, not sufficient, for signalling.
     """
     if copy:
         adata = adata.copy()
@@ -298,58 +318,160 @@ def niche_interactions(adata: ad.AnnData, *, groupby: str = Obs.LEIDEN, csc_key:
     params = {"groupby": groupby, "csc_key": csc_key, "malignant_key": malignant_key, "resource": resource,
               "species": species, "n_perms": n_perms, "expr_prop": expr_prop, "min_cells": min_cells,
               "max_cells_per_group": max_cells_per_group, "alpha": alpha, "layer": layer or "X", "seed": seed,
+              "per_sample": per_sample, "sample_key": sample_key,
               "method": f"liana.mt.rank_aggregate (liana {li.__version__})"}
     groups = sorted(used.dropna().unique())
-    table = pd.DataFrame(columns=COLUMNS)
-    n_used = pd.Series(0, index=sizes.index)
-    if has_csc and CSC_GROUP not in groups:
-        notes.append(f"Only {int(sizes.get(CSC_GROUP, 0))} CSC-like cells (fewer than min_cells={min_cells}): "
-                     "no interactions scored.")
-    elif len(groups) < 2:
-        notes.append("Fewer than two cell groups with enough cells: no interactions scored.")
-    else:
-        rng = np.random.default_rng(seed)
-        rows = _subsample(used.dropna(), max_cells_per_group, rng)
-        rows = np.flatnonzero(used.notna().to_numpy())[rows]
-        res = load_resource(resource, species)
-        genes = {s for col in ("ligand", "receptor") for c in res[col] for s in c.split("_")}
-        var_keep = np.flatnonzero(adata.var_names.isin(list(genes)))
-        X = adata.layers[layer] if layer else adata.X
-        sub = ad.AnnData(X=X[rows][:, var_keep], obs=pd.DataFrame({"@niche": pd.Categorical(used.iloc[rows])},
-                                                                    index=adata.obs_names[rows]),
-                         var=pd.DataFrame(index=adata.var_names[var_keep]))
-        if sp.issparse(sub.X):
-            sub.X = sp.csr_matrix(sub.X, dtype=np.float32)
-        # Genes detected in fewer than expr_prop of the cells of every group can pass no LIANA filter: dropping
-        # them changes no score but SingleCellSignalR's matrix-mean normaliser, and LIANA's index look-ups
-        # cost (interactions x genes)
-        _, det = _group_stats(sub.X, sub.obs["@niche"].astype(str).to_numpy(), groups)
-        sub = sub[:, det.max(axis=0) >= expr_prop].copy()
-        n_used = sub.obs["@niche"].value_counts().reindex(sizes.index, fill_value=0)
-        pairs = None
-        if has_csc:
-            others = [g for g in groups if g != CSC_GROUP]
-            pairs = pd.DataFrame([(g, CSC_GROUP) for g in others] + [(CSC_GROUP, g) for g in others]
-                                 + [(CSC_GROUP, CSC_GROUP)], columns=["source", "target"])
-        try:
-            out = li.mt.rank_aggregate(sub, groupby="@niche", resource=res, expr_prop=expr_prop, min_cells=min_cells,
-                                       groupby_pairs=pairs, use_raw=False, n_perms=n_perms, seed=seed,
-                                       n_jobs=n_jobs, inplace=False, verbose=False)
-        except ValueError as exc:  # LIANA refuses data with no resource gene expressed enough
-            notes.append(f"LIANA found no interaction to score ({exc}).")
-            out = None
-        if out is not None and len(out):
-            table = _tidy(out, sub, groups, species, alpha, n_perms)
-        elif out is not None:
-            notes.append("No ligand-receptor pair passed expr_prop in any scored pair of groups.")
+    res = load_resource(resource, species) if len(groups) >= 2 else None
+    table, n_used, run_notes = _score_groups(li, adata, used, groups, has_csc, res, species=species, layer=layer,
+                                             n_perms=n_perms, expr_prop=expr_prop, min_cells=min_cells,
+                                             max_cells_per_group=max_cells_per_group, alpha=alpha, seed=seed,
+                                             n_jobs=n_jobs)
+    n_used = n_used.reindex(sizes.index, fill_value=0)
+    notes += run_notes
+    by_sample = pd.DataFrame(columns=BY_SAMPLE_COLUMNS)
+    if per_sample and len(table):
+        by_sample, sample_notes = _score_per_sample(li, adata, labels, table, has_csc, res, sample_key=sample_key,
+                                                    species=species, layer=layer, n_perms=n_perms,
+                                                    expr_prop=expr_prop, min_cells=min_cells,
+                                                    max_cells_per_group=max_cells_per_group, alpha=alpha,
+                                                    seed=seed, n_jobs=n_jobs)
+        notes += sample_notes
+    table = _add_replication(table, by_sample)
     n_axis = int((table["review_axis"] != "").sum()) if len(table) else 0
     notes.append(f"{len(table)} interactions scored over {len(groups)} groups; {n_axis} on the review's axes.")
     group_tab = pd.DataFrame({"group": sizes.index.astype(str), "n_cells": sizes.to_numpy(),
                               "n_used": n_used.reindex(sizes.index).fillna(0).astype(int).to_numpy(),
                               "kind": [_kind(g) for g in sizes.index]})
     adata.uns[key_added] = {"interactions": table.reset_index(drop=True), "groups": group_tab,
+                            "by_sample": by_sample.reset_index(drop=True),
                             "params_json": json.dumps(params), "notes_json": json.dumps(notes)}
     return adata if copy else None
+
+
+def _score_groups(li, adata: ad.AnnData, used: pd.Series, groups: list[str], has_csc: bool, res: pd.DataFrame | None,
+                  *, species: str, layer: str | None, n_perms: int, expr_prop: float, min_cells: int,
+                  max_cells_per_group: int, alpha: float, seed: int,
+                  n_jobs: int) -> tuple[pd.DataFrame, pd.Series, list[str]]:
+    """LIANA's rank aggregate over the cells whose ``used`` label is not NaN (``groups`` their labels): the tidy
+    table, the cells used per group and notes. With ``has_csc`` only pairs with CSC-like cells are scored."""
+    notes: list[str] = []
+    table = pd.DataFrame(columns=COLUMNS)
+    n_used = pd.Series(0, index=pd.Index(groups, dtype=object), dtype=int)
+    if has_csc and CSC_GROUP not in groups:
+        n_csc = int((used.astype(object) == CSC_GROUP).sum())
+        notes.append(f"Only {n_csc} CSC-like cells (fewer than min_cells={min_cells}): no interactions scored.")
+        return table, n_used, notes
+    if len(groups) < 2:
+        notes.append("Fewer than two cell groups with enough cells: no interactions scored.")
+        return table, n_used, notes
+    rng = np.random.default_rng(seed)
+    rows = _subsample(used.dropna(), max_cells_per_group, rng)
+    rows = np.flatnonzero(used.notna().to_numpy())[rows]
+    genes = {s for col in ("ligand", "receptor") for c in res[col] for s in c.split("_")}
+    var_keep = np.flatnonzero(adata.var_names.isin(list(genes)))
+    X = adata.layers[layer] if layer else adata.X
+    sub = ad.AnnData(X=X[rows][:, var_keep], obs=pd.DataFrame({"@niche": pd.Categorical(used.iloc[rows])},
+                                                                index=adata.obs_names[rows]),
+                     var=pd.DataFrame(index=adata.var_names[var_keep]))
+    if sp.issparse(sub.X):
+        sub.X = sp.csr_matrix(sub.X, dtype=np.float32)
+    # Genes detected in fewer than expr_prop of the cells of every group can pass no LIANA filter: dropping
+    # them changes no score but SingleCellSignalR's matrix-mean normaliser, and LIANA's index look-ups
+    # cost (interactions x genes)
+    _, det = _group_stats(sub.X, sub.obs["@niche"].astype(str).to_numpy(), groups)
+    sub = sub[:, det.max(axis=0) >= expr_prop].copy()
+    n_used = sub.obs["@niche"].value_counts()
+    pairs = None
+    if has_csc:
+        others = [g for g in groups if g != CSC_GROUP]
+        pairs = pd.DataFrame([(g, CSC_GROUP) for g in others] + [(CSC_GROUP, g) for g in others]
+                             + [(CSC_GROUP, CSC_GROUP)], columns=["source", "target"])
+    try:
+        out = li.mt.rank_aggregate(sub, groupby="@niche", resource=res, expr_prop=expr_prop, min_cells=min_cells,
+                                   groupby_pairs=pairs, use_raw=False, n_perms=n_perms, seed=seed,
+                                   n_jobs=n_jobs, inplace=False, verbose=False)
+    except ValueError as exc:  # LIANA refuses data with no resource gene expressed enough
+        notes.append(f"LIANA found no interaction to score ({exc}).")
+        out = None
+    if out is not None and len(out):
+        table = _tidy(out, sub, groups, species, alpha, n_perms)
+    elif out is not None:
+        notes.append("No ligand-receptor pair passed expr_prop in any scored pair of groups.")
+    return table, n_used, notes
+
+
+def _score_per_sample(li, adata: ad.AnnData, labels: pd.Series, table: pd.DataFrame, has_csc: bool,
+                      res: pd.DataFrame, *, sample_key: str, min_cells: int, alpha: float,
+                      **kw) -> tuple[pd.DataFrame, list[str]]:
+    """The same scoring within each sample: one row per (sample, interaction of ``table``) whose two groups
+    both have at least ``min_cells`` cells in that sample; ``present`` = scored there (every subunit in at
+    least expr_prop of both groups' cells) with p < alpha in that sample."""
+    notes: list[str] = []
+    key = ["sender", "receiver", "ligand", "receptor"]
+    if sample_key not in adata.obs:
+        notes.append(f"No obs['{sample_key}']: the cells are one sample, so the per-sample replication is the "
+                     "pooled result (descriptive, n = 1 sample).")
+        samples = pd.Series("all cells", index=adata.obs_names)
+    else:
+        samples = adata.obs[sample_key].astype(str)
+    names = sorted(pd.unique(samples))
+    parts = []
+    for name in names:
+        here = (samples == name).to_numpy()
+        lab = labels.where(here)
+        sizes = lab.value_counts()
+        small = sorted(sizes.index[sizes < min_cells])
+        if CSC_GROUP in small or (has_csc and CSC_GROUP not in sizes.index):
+            notes.append(f"Sample {name}: {int(sizes.get(CSC_GROUP, 0))} CSC-like cells (fewer than "
+                         f"min_cells={min_cells}): not tested.")
+            continue
+        if small:
+            notes.append(f"Sample {name}: {len(small)} group(s) with fewer than {min_cells} cells skipped: "
+                         f"{', '.join(small)}.")
+        lab = lab.where(~lab.isin(small))
+        groups = sorted(lab.dropna().unique())
+        if len(names) == 1 and sample_key in adata.obs or sample_key not in adata.obs:
+            t = table  # one sample: the pooled run is that sample's run
+        else:
+            t, _, run_notes = _score_groups(li, adata, lab, groups, has_csc, res, min_cells=min_cells, alpha=alpha,
+                                            **kw)
+            notes += [f"Sample {name}: {n}" for n in run_notes]
+        tested = table[key][table["sender"].isin(groups) & table["receiver"].isin(groups)]
+        got = t[key + ["magnitude", "specificity", "p"]] if len(t) else pd.DataFrame(
+            columns=key + ["magnitude", "specificity", "p"])
+        rows = tested.merge(got, on=key, how="left")
+        rows.insert(0, "sample", name)
+        rows["present"] = rows["p"].astype(float) < alpha
+        parts.append(rows)
+    by = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=BY_SAMPLE_COLUMNS)
+    by["present"] = by["present"].astype(bool)
+    return by[BY_SAMPLE_COLUMNS], notes
+
+
+def replication_label(n_present: int, n_tested: int) -> str:
+    """'replicated (k of n samples)' with at least MIN_REPLICATION_SAMPLES samples tested and the interaction
+    present in at least MIN_PRESENT_FRACTION of them; 'not replicated (k of n samples)' otherwise; with fewer
+    samples tested 'descriptive (n = k samples)' (the pathway stage's rule)."""
+    if n_tested < MIN_REPLICATION_SAMPLES:
+        return f"descriptive (n = {n_tested} sample{'s' if n_tested != 1 else ''})"
+    word = "replicated" if n_present >= MIN_PRESENT_FRACTION * n_tested else "not replicated"
+    return f"{word} ({n_present} of {n_tested} samples)"
+
+
+def _add_replication(table: pd.DataFrame, by_sample: pd.DataFrame) -> pd.DataFrame:
+    """The per-sample summary columns of the interaction table (COLUMNS order)."""
+    key = ["sender", "receiver", "ligand", "receptor"]
+    t = table.drop(columns=[c for c in REPLICATION_COLUMNS if c in table.columns])
+    if len(by_sample):
+        agg = by_sample.groupby(key, sort=False).agg(n_samples_tested=("sample", "size"),
+                                                     n_samples_present=("present", "sum")).reset_index()
+        t = t.merge(agg, on=key, how="left")
+    else:
+        t = t.assign(n_samples_tested=0, n_samples_present=0)
+    t["n_samples_tested"] = t["n_samples_tested"].fillna(0).astype(int)
+    t["n_samples_present"] = t["n_samples_present"].fillna(0).astype(int)
+    t["replication"] = [replication_label(k, n) for k, n in zip(t["n_samples_present"], t["n_samples_tested"])]
+    return t[COLUMNS].reset_index(drop=True)
 
 
 def _kind(group: str) -> str:
@@ -383,7 +505,32 @@ def _tidy(out: pd.DataFrame, sub: ad.AnnData, groups: list[str], species: str, a
     t = t.assign(_ns=~(t["p"] < alpha)).sort_values(["_ns", "magnitude", "specificity", "sender", "receiver",
                                                       "ligand", "receptor"], kind="mergesort")
     t["rank"] = np.arange(1, len(t) + 1)
-    return t[COLUMNS].reset_index(drop=True)
+    return t[[c for c in COLUMNS if c not in REPLICATION_COLUMNS]].reset_index(drop=True)
+
+
+def skip_reason(adata: ad.AnnData, *, csc_key: str = Obs.CSC_LIKE, stemness_key: str = Obs.STEMNESS,
+                malignant_key: str = Obs.MALIGNANT) -> str | None:
+    """Why the niche stage has nothing to score, or None: it asks which signals CSC-like cells exchange with
+    their niche, so without CSC-like cells (no stemness score with ``stemness.required: false``, or none
+    called) there is no question to answer, and an all-groups table would answer another one."""
+    obs = adata.obs
+    stem = obs[stemness_key].to_numpy(dtype=float) if stemness_key in obs else np.full(adata.n_obs, np.nan)
+    csc = obs[csc_key].fillna(False).to_numpy(dtype=bool) if csc_key in obs else np.zeros(adata.n_obs, bool)
+    if malignant_key in obs:
+        csc = csc & obs[malignant_key].fillna(False).to_numpy(dtype=bool)
+    if csc.any():
+        return None
+    if not np.isfinite(stem).any():
+        return ("Niche not scored: no stemness score was computed (stemness.required: false and the data hold no "
+                "stemness genes), so there are no CSC-like cells whose niche could be read.")
+    return "Niche not scored: no malignant cell was called CSC-like, so there is no CSC-like niche to read."
+
+
+def by_sample_table(adata: ad.AnnData, key: str = Uns.NICHE) -> pd.DataFrame:
+    """The per-sample rows written by :func:`niche_interactions` (``per_sample``)."""
+    if key not in adata.uns or "by_sample" not in adata.uns[key]:
+        return pd.DataFrame(columns=BY_SAMPLE_COLUMNS)
+    return pd.DataFrame(adata.uns[key]["by_sample"])
 
 
 def interactions_table(adata: ad.AnnData, key: str = Uns.NICHE) -> pd.DataFrame:

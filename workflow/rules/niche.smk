@@ -12,6 +12,12 @@ rule niche:
             category="6. Niche",
             labels={"dataset": "{dataset}", "table": "niche interactions"},
         ),
+        by_sample=report(
+            f"{OUTDIR}/{{dataset}}/tables/niche_by_sample.tsv",
+            caption="../report/niche_by_sample.rst",
+            category="6. Niche",
+            labels={"dataset": "{dataset}", "table": "niche interactions per sample"},
+        ),
         figure=report(
             f"{OUTDIR}/{{dataset}}/figures/niche_interactions.png",
             caption="../report/niche_interactions.rst",
