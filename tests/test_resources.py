@@ -10,7 +10,7 @@ import scipy.sparse as sp
 
 from metastem.smk.resources import dataset_size, estimate_resources
 
-STAGES = ["qc", "cluster", "stemness", "pseudotime", "pathways", "report"]
+STAGES = ["qc", "cluster", "malignant", "stemness", "pseudotime", "pathways", "niche", "report"]
 
 # (non-zeros, {stage: peak RSS MB}) from benchmarks/run.py (probe job_peak_rss_mb), commit 62df59f and later:
 # 10k and 105k cells x 20k genes (library 2000), and QC and clustering of 1.05M cells x 20k genes (library
@@ -20,7 +20,13 @@ MEASURED = [
     (173_980_999, {"qc": 4527, "cluster": 2857, "stemness": 2478, "pseudotime": 675, "pathways": 2871,
                    "report": 289}),
     (1_112_996_999, {"qc": 17705, "cluster": 18137}),
+    # the first complete 1.05M-cell run (library 1100 with the tumour simulator, 774M non-zeros, all rules)
+    (773_712_676, {"qc": 12704, "cluster": 14032, "malignant": 11909, "stemness": 8034, "pseudotime": 4265,
+                   "pathways": 8922, "niche": 7484, "report": 2069}),
 ]
+# wall minutes of that run (a shared machine, load 2-3): runtime requests must cover them
+MEASURED_MINUTES = (773_712_676, {"qc": 20.2, "cluster": 28.4, "malignant": 3.3, "stemness": 6.3, "pseudotime": 8.7,
+                                  "pathways": 5.7, "niche": 0.5})
 NODE_MB = 24_000  # the reference machine
 
 
@@ -55,6 +61,9 @@ def test_requests_cover_measured_peaks_and_grow(stage):
     for nnz, peaks in MEASURED:
         if stage in peaks:
             assert estimate_resources(stage, nnz)["mem_mb"] >= 1.1 * peaks[stage], (stage, nnz)
+    nnz, minutes = MEASURED_MINUTES
+    if stage in minutes:
+        assert estimate_resources(stage, nnz)["runtime"] >= 1.1 * minutes[stage], (stage, nnz)
     small, large = estimate_resources(stage, 1e7), estimate_resources(stage, 1e9)
     assert large["mem_mb"] > small["mem_mb"] and large["runtime"] >= small["runtime"]
     first, retry = estimate_resources(stage, 1e8), estimate_resources(stage, 1e8, attempt=2)

@@ -3,9 +3,11 @@
 Every rule's peak RSS and wall time grow about linearly in the matrix's stored non-zeros
 (benchmarks/run.py; pseudotime and report in cells, which track them). The coefficients sit above the
 per-rule peaks and times measured on the 2-core, 24 GB reference machine at 10k and 100k cells (17M and
-174M non-zeros) and, for QC and clustering, at 1.05M cells (1.11G non-zeros: 17.7 GB in 1013 s, 18.1 GB
-in 1422 s), where the requests (20.4 and 20.6 GB) still fit a 24 GB node; a retry asks for 1.5x more.
-The size is read from the input's headers, never by loading it.
+174M non-zeros) and at 1.05M cells (774M non-zeros, the first complete million-cell run, 4408 s end to end
+on a shared machine, benchmarks/run.py --sizes 1000000 --library-size 1100): peaks qc 12.7 GB, cluster
+14.0, malignant 11.9, stemness 8.0, pseudotime 4.3, pathways 8.9, niche 7.5, report 2.1 GB; walls qc 20.2
+min, cluster 28.4, malignant 3.3, stemness 6.3, pseudotime 8.7, pathways 5.7, niche 0.5. A retry asks for
+1.5x more. The size is read from the input's headers, never by loading it.
 """
 from __future__ import annotations
 
@@ -13,19 +15,18 @@ import os
 
 # stage: (fixed MB, MB per million non-zeros, fixed minutes, minutes per million non-zeros)
 _COEFFS = {
-    "qc": (2600, 16.0, 5, 0.02),
-    "cluster": (1100, 17.5, 5, 0.03),
-    # X (read like cluster's), one chunk's CNV profiles (5000 cells x ~2000 windows, dense) and the CNV
-    # matrix; conservative until the harness measures it (issue 18)
+    "qc": (2600, 16.0, 5, 0.025),
+    "cluster": (1100, 19.0, 5, 0.04),
     "malignant": (1500, 16.0, 5, 0.02),
     "stemness": (1000, 14.0, 5, 0.006),
-    "pseudotime": (500, 3.0, 5, 0.002),
+    # the diffusion map's eigenvectors and PAGA grow with the graph: 4.3 GB and 8.7 min at 774M non-zeros
+    "pseudotime": (500, 6.0, 5, 0.012),
     "pathways": (1700, 14.0, 5, 0.006),
-    # niche (LIANA): reads X of final.h5ad (no counts layer), then works on <= max_cells_per_group cells per
-    # group and the resource's genes, so beyond reading X its cost is flat: 15-50 s at 20k cells on the noisy
-    # 2-core machine, 1-2 GB; conservative until the harness measures it (issue 18)
-    "niche": (2000, 8.0, 10, 0.003),
-    "report": (400, 1.0, 5, 0.0),
+    # niche (LIANA): reads X of final.h5ad, then works on <= max_cells_per_group cells per group (pooled and
+    # per sample), so beyond reading X its cost is flat: 7.5 GB and 29 s at 774M non-zeros
+    "niche": (2000, 9.0, 10, 0.003),
+    # the report reads only obs and small tables, yet obs of 1M cells took 2.1 GB
+    "report": (400, 2.5, 5, 0.0),
 }
 _DENSITY = 0.07  # fraction of non-zero entries assumed when only a file size is known (droplet data)
 _BYTES_PER_NONZERO = 6  # compressed text / HDF5, for the same guess
