@@ -461,6 +461,13 @@ def niche_facts(info: Mapping[str, Any]) -> list[tuple[str, str]]:
     facts = [("Cells grouped by", params.get("groupby_used")), ("Interactions scored", info.get("n_interactions")),
              (f"Specific (permutation p < {params.get('alpha', 0.05)})", info.get("n_specific")),
              ("The review's axes among them", ", ".join(axes) if axes else ("none" if axes is not None else None))]
+    rep = info.get("replication") or {}
+    if rep:  # the sample is the unit: an interaction counts as replicated only across samples
+        rep_axes = rep.get("review_axes_replicated")
+        facts += [("Samples scored on their own", rep.get("n_samples")),
+                  ("Specific and replicated (>= 3 samples, >= 80 % with p < alpha)", rep.get("n_specific_replicated")),
+                  ("The review's axes replicated", ", ".join(rep_axes) if rep_axes else
+                   ("none" if rep_axes is not None else None))]
     return [(k, str(v)) for k, v in facts if v is not None]
 
 
