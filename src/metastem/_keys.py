@@ -34,6 +34,8 @@ class Obs:
     CSC_LIKE = "csc_like"
     PSEUDOTIME = "pseudotime"
     PSEUDOTIME_REACHABLE = "pseudotime_reachable"
+    # DPT within each sample's malignant cells, rooted in its CSC-like cells; 0-1 per sample (issue 15)
+    PSEUDOTIME_MALIGNANT = "pseudotime_malignant"
     PATHWAY_PREFIX = "pathway_"
     STEMNESS_SET_PREFIX = "stemness_set_"
     # stemness ingredients (issue 17): each is rank-scaled, 1 = least differentiated
@@ -70,6 +72,7 @@ class Uns:
     STEMNESS = "stemness"
     PSEUDOTIME = "pseudotime"
     PSEUDOTIME_ROOT = "pseudotime_root"  # the root cell, how it was chosen, the candidates
+    PSEUDOTIME_MALIGNANT = "pseudotime_malignant"  # per sample: cells ordered, root, why, notes (JSON text)
     PATHWAYS = "pathways"
     NICHE = "niche"
     MALIGNANT = "malignant"        # evidence, rule, notes, reference cells of the malignant call

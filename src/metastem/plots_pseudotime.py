@@ -177,3 +177,72 @@ def plot_stemness_along_pseudotime(adata: ad.AnnData, *, stemness_key: str = Obs
     ax.set_ylabel(stemness_key)
     ax.legend(fontsize=7, loc="best")
     return finish(fig, save, return_fig)
+
+
+def malignant_pseudotime_missing(adata: ad.AnnData, *, key: str = Obs.PSEUDOTIME_MALIGNANT) -> str | None:
+    """The sentence for the report when :func:`plot_malignant_pseudotime` has nothing to draw, else None."""
+    if key not in adata.obs or not np.isfinite(adata.obs[key].to_numpy(dtype=float)).any():
+        return ("No sample's malignant cells were ordered (no CSC-like cells to root them in, too few malignant "
+                "cells, or pseudotime.compartment is 'all'): nothing to draw.")
+    return None
+
+
+def plot_malignant_pseudotime(adata: ad.AnnData, *, key: str = Obs.PSEUDOTIME_MALIGNANT,
+                              stemness_key: str = Obs.STEMNESS, basis: str = Obsm.UMAP, max_points: int = 50000,
+                              random_state: int = 0, return_fig: bool = False,
+                              save: str | os.PathLike | None = None) -> plt.Figure | None:
+    """Pseudotime within each tumour's malignant cells (``metastem.pseudotime.malignant_pseudotime``).
+
+    Left: the embedding, malignant cells coloured by their own sample's pseudotime (0 = that sample's
+    root, a star), other cells light grey. Right: median ``stemness_key`` in equal-count bins along
+    each sample's pseudotime, one line per sample: falling lines mean each tumour's time runs from its
+    CSC-like cells to its more differentiated cells. Times are comparable within a sample only.
+    """
+    import json
+
+    from metastem.plots import category_colors
+
+    apply_style()
+    run = adata.uns[key]
+    records = [r for r in json.loads(run["per_sample_json"]) if r["n_ordered"] > 0]
+    groupby = dict(run["params"])["groupby"]
+    groups = adata.obs[groupby].astype(str).to_numpy() if groupby in adata.obs else np.full(adata.n_obs, "all")
+    pt = adata.obs[key].to_numpy(dtype=float)
+    has_basis = basis in adata.obsm
+    fig, axes = plt.subplots(1, 2 if has_basis else 1, figsize=(10.5 if has_basis else 5.2, 4.2), squeeze=False)
+    axes = list(axes[0])
+    if has_basis:
+        ax = axes.pop(0)
+        xy = np.asarray(adata.obsm[basis])[:, :2]
+        idx = _subsample(adata.n_obs, max_points, random_state)
+        size = max(0.5, min(12.0, 30000 / len(idx)))
+        lost = idx[~np.isfinite(pt[idx])]
+        ax.scatter(xy[lost, 0], xy[lost, 1], s=size, c=UNREACHABLE_GREY, linewidths=0, rasterized=True,
+                   label="normal or not ordered")
+        shown = idx[np.isfinite(pt[idx])]
+        shown = shown[np.argsort(pt[shown])]
+        points = ax.scatter(xy[shown, 0], xy[shown, 1], s=size, c=pt[shown], cmap=CONTINUOUS_CMAP, vmin=0, vmax=1,
+                            linewidths=0, rasterized=True)
+        roots = adata.obs_names.get_indexer([r["root_barcode"] for r in records])
+        ax.scatter(xy[roots, 0], xy[roots, 1], marker="*", s=200, c=OKABE_ITO[5], edgecolors="black",
+                   linewidths=0.8, zorder=5, label="each sample's root")
+        ax.legend(loc="lower left", fontsize=7, markerscale=1)
+        ax.set_title("Pseudotime within each sample's malignant cells")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        fig.colorbar(points, ax=ax, shrink=0.7, label="pseudotime within sample (0 = its root)")
+    ax = axes[0]
+    colours = category_colors(len(records))
+    stem = adata.obs[stemness_key].to_numpy(dtype=float) if stemness_key in adata.obs else np.full(adata.n_obs, np.nan)
+    for colour, r in zip(colours, records):
+        here = (groups == r["sample"]) & np.isfinite(pt) & np.isfinite(stem)
+        if here.sum() < 2:
+            continue
+        centre, med, _ = binned_trend(pt[here], stem[here], n_bins=10)
+        rho = spearmanr(pt[here], stem[here])[0]
+        ax.plot(centre, med, color=colour, lw=1.8, marker="o", ms=3, label=f"{r['sample']} (ρ {rho:.2f})")
+    ax.set_xlabel("pseudotime within sample (0 = its root)")
+    ax.set_ylabel(f"median {stemness_key} per bin")
+    ax.set_title(f"{stemness_key} along each sample's malignant pseudotime", fontsize=9)
+    ax.legend(fontsize=7, loc="best", title="sample (Spearman)", title_fontsize=7)
+    return finish(fig, save, return_fig)

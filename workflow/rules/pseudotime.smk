@@ -1,8 +1,11 @@
-# Pseudotime: diffusion pseudotime rooted in stemness, PAGA between clusters, diagnostics.
+# Pseudotime: diffusion pseudotime rooted in stemness over all cells and within each tumour's malignant
+# cells (rooted in its CSC-like cells), PAGA between clusters, diagnostics.
 
 
 rule pseudotime:
     input:
+        # malignant calls, when the workflow wires that stage (else every cell counts as malignant, said so)
+        unpack(wired_outputs(malignant=("malignant", "cells"))),
         h5ad=rules.cluster.output.h5ad,
         stemness=rules.stemness.output.cells,
     output:
@@ -15,6 +18,12 @@ rule pseudotime:
             caption="../report/pseudotime_diagnostics.rst",
             category="4. Pseudotime",
             labels={"dataset": "{dataset}", "table": "pseudotime diagnostics"},
+        ),
+        by_sample=report(
+            f"{OUTDIR}/{{dataset}}/tables/pseudotime_by_sample.tsv",
+            caption="../report/pseudotime_by_sample.rst",
+            category="4. Pseudotime",
+            labels={"dataset": "{dataset}", "table": "pseudotime within each tumour"},
         ),
         umap=report(
             f"{OUTDIR}/{{dataset}}/figures/pseudotime_umap.png",
@@ -33,6 +42,12 @@ rule pseudotime:
             caption="../report/pseudotime_stemness.rst",
             category="4. Pseudotime",
             labels={"dataset": "{dataset}", "figure": "stemness along pseudotime"},
+        ),
+        malignant_figure=report(
+            f"{OUTDIR}/{{dataset}}/figures/pseudotime_malignant.png",
+            caption="../report/pseudotime_malignant.rst",
+            category="4. Pseudotime",
+            labels={"dataset": "{dataset}", "figure": "pseudotime within each tumour"},
         ),
     log:
         f"{OUTDIR}/logs/{{dataset}}/pseudotime.log",
