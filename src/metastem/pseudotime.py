@@ -716,6 +716,9 @@ def _order_piece(adata: ad.AnnData, cells: np.ndarray, *, name: str, stemness_ke
                               "n_ordered": 0, "n_left_out": int(cells.size), "root_barcode": "", "why": "",
                               "candidates": [], "components_left_out": [], "root_stability_median_spearman":
                               float("nan"), "note": ""}
+    if cells.size == 0:
+        record["note"] = "no malignant cell: nothing to order"
+        return out, record
     if cells.size < min_cells:
         record["note"] = (f"{cells.size} malignant cells, fewer than pseudotime.malignant_min_cells={min_cells}: "
                           "not ordered")
@@ -819,7 +822,7 @@ def malignant_pseudotime(adata: ad.AnnData, *, groupby: str = Obs.SAMPLE, malign
                      "compartment")
     values = np.full(adata.n_obs, np.nan)
     records = []
-    for name in sorted(pd.unique(groups[malignant])):
+    for name in sorted(pd.unique(groups)):  # every sample, also one without malignant cells (said so)
         cells = np.flatnonzero(malignant & (groups == name))
         values[cells], record = _order_piece(
             adata, cells, name=str(name), stemness_key=stemness_key, csc_key=csc_key, min_cells=min_cells,
