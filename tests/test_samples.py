@@ -214,8 +214,10 @@ def test_cohort_index_has_a_sortable_row_per_sample(tmp_path):
 
 def test_per_sample_mad_catches_damaged_cells_that_pooling_misses(defaults):
     """Two samples of a tumour with normal compartments, one sequenced at a third of the depth: pooled,
-    the shallow sample widens the MADs and the deep sample's damaged cells (a sixth of the library, high
-    mito) slip through."""
+    the shallow sample widens the depth MADs and the deep sample's damaged cells (a sixth of the library, high
+    mito) slip through the counts/genes bounds. Measured on seeds 0-2 (33-43 damaged cells): with the mito rule
+    off, per-sample bounds remove 40-64 % of them, pooled bounds 0-5 %; with every default rule on, the raised mito
+    removes all of them either way, and 95-98 % of the healthy cells of each sample are kept."""
     from metastem.simulate import simulate_tumour
 
     raw = simulate_tumour(1500, 3000, seed=0)
@@ -229,13 +231,19 @@ def test_per_sample_mad_catches_damaged_cells_that_pooling_misses(defaults):
     x.obs["sample"] = ["P1"] * a.n_obs + ["P2"] * b.n_obs
     damaged = x.obs["true_low_quality"].to_numpy() & (x.obs["sample"] == "P1").to_numpy()
     healthy = ~(x.obs["true_low_quality"] | x.obs["true_doublet"]).to_numpy()
-    p = {**defaults["qc"], "doublets": False}
-    _, per, _ = qc.run_qc(x.copy(), p, values="counts", species="human")
-    pooled = x.copy()
-    del pooled.obs["sample"]
-    _, pool, _ = qc.run_qc(pooled, p, values="counts", species="human")
-    removed, removed_pooled = ~per["kept"].to_numpy()[damaged], ~pool["kept"].to_numpy()[damaged]
     assert damaged.sum() >= 20
-    assert removed.mean() >= 0.9 and removed.mean() >= removed_pooled.mean() + 0.15
+
+    def removed(p: dict) -> tuple[float, float, pd.Series]:
+        _, per, _ = qc.run_qc(x.copy(), p, values="counts", species="human")
+        pooled = x.copy()
+        del pooled.obs["sample"]
+        _, pool, _ = qc.run_qc(pooled, p, values="counts", species="human")
+        return (~per["kept"].to_numpy()[damaged]).mean(), (~pool["kept"].to_numpy()[damaged]).mean(), per["kept"]
+
+    depth_only = {**defaults["qc"], "doublets": False, "nmads_mito": 1e9, "max_pct_mito": 100}
+    per, pooled, kept = removed(depth_only)
+    assert per >= 0.35 and per >= pooled + 0.3, (per, pooled)
+    per, pooled, kept = removed({**defaults["qc"], "doublets": False})
+    assert per >= 0.9 and pooled >= 0.9
     for s in ("P1", "P2"):   # and per-sample thresholds keep the healthy cells of both samples
-        assert per["kept"].to_numpy()[healthy & (x.obs["sample"] == s).to_numpy()].mean() >= 0.95
+        assert kept.to_numpy()[healthy & (x.obs["sample"] == s).to_numpy()].mean() >= 0.95
