@@ -15,6 +15,20 @@ SHARED = Path(os.environ.get("METASTEM_SHARED", REPO.parent / "shared")) / "data
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
+# `make test` runs the suite on two pytest-xdist workers (--dist loadgroup): each test module stays on one worker
+# (its module fixtures are built once), and modules that share a whole-workflow run kept in module state go
+# together: the demo run of test_pipeline_demo (reused by test_resume and test_determinism) and the local
+# reference run of tests/slurm/workflow_runs.py (test_slurm, test_module).
+SHARED_RUNS = {"test_resume": "test_pipeline_demo", "test_determinism": "test_pipeline_demo",
+               "test_module": "test_slurm"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        module = item.module.__name__.rpartition(".")[2]
+        item.add_marker(pytest.mark.xdist_group(SHARED_RUNS.get(module, module)))
+
+
 def require(condition: bool, reason: str) -> None:
     """Skip with a reason on a developer machine; fail in CI, where every test must run."""
     if not condition:
