@@ -24,10 +24,10 @@ run: $(STAMP)
 	$(BIN)/snakemake --cores $(CORES) --configfile config/config.yaml $(SNAKEMAKE_ARGS)
 	@echo "Reports: the index page named by the 'metastem: open ...' line above (<outdir>/index.html)"
 
-# Two pytest-xdist workers (each module on one worker, see tests/conftest.py); TEST_WORKERS=0 runs in one process.
+# Two pytest-xdist workers (whole modules per worker, see tests/conftest.py); TEST_WORKERS=0 runs in one process.
 TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) $(PYTEST_ARGS)
 
 # The development loop: unit tests only, no Snakemake end-to-end runs, no SLURM, no browser (markers in
 # pyproject.toml). `make test` stays the whole suite (what CI runs).

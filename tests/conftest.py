@@ -15,18 +15,28 @@ SHARED = Path(os.environ.get("METASTEM_SHARED", REPO.parent / "shared")) / "data
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
-# `make test` runs the suite on two pytest-xdist workers (--dist loadgroup): each test module stays on one worker
-# (its module fixtures are built once), and modules that share a whole-workflow run kept in module state go
-# together: the demo run of test_pipeline_demo (reused by test_resume and test_determinism) and the local
-# reference run of tests/slurm/workflow_runs.py (test_slurm, test_module).
+# `make test` runs the suite on two pytest-xdist workers. Each test module stays on one worker (its module fixtures
+# are built once), and modules that share a whole-workflow run kept in module state go to the same worker: the demo
+# run of test_pipeline_demo (reused by test_resume and test_determinism) and the local reference run of
+# tests/slurm/workflow_runs.py (test_slurm, test_module). (xdist's own `xdist_group` marks were not honoured by
+# --dist loadgroup in pytest-xdist 3.8 here, so the grouping is a scheduler.)
 SHARED_RUNS = {"test_resume": "test_pipeline_demo", "test_determinism": "test_pipeline_demo",
                "test_module": "test_slurm"}
 
+try:
+    from xdist.scheduler import LoadScopeScheduling
+except ImportError:   # pytest-xdist absent: the suite runs in one process (TEST_WORKERS=0)
+    pass
+else:
+    class SharedRunScheduling(LoadScopeScheduling):
+        """Whole modules to workers, modules sharing a workflow run (SHARED_RUNS) as one unit."""
 
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        module = item.module.__name__.rpartition(".")[2]
-        item.add_marker(pytest.mark.xdist_group(SHARED_RUNS.get(module, module)))
+        def _split_scope(self, nodeid: str) -> str:
+            stem = Path(nodeid.split("::", 1)[0]).stem
+            return SHARED_RUNS.get(stem, stem)
+
+    def pytest_xdist_make_scheduler(config, log):
+        return SharedRunScheduling(config, log)
 
 
 def require(condition: bool, reason: str) -> None:

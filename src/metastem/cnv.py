@@ -477,6 +477,12 @@ def infer_malignant(adata: ad.AnnData, *, labels_key: str = "",
     adata.obs[Obs.CNV_REFERENCE] = pd.Categorical(ref_label.astype(str))
     if calls.all() and evidence != "none":
         notes.append("every cell is called malignant: the data hold no normal cells by this evidence")
+    if evidence == "cnv" and not calls.any():
+        notes.append(f"no cell is called malignant: no CNV score is above the reference cells' range "
+                     f"({diag.get('threshold_reference', np.nan):.4g}). Either the data hold no malignant cells, or "
+                     f"the copy-number signal is too weak to call ({autosomal} genes with an autosomal position; a "
+                     "targeted panel rarely has enough); if the malignant cells are known, name them with the sheet's "
+                     "labels column")
     counts = pd.Series(ref_label[reference]).value_counts()
     adata.uns[key_added] = {
         "params_json": json.dumps(params), "evidence": evidence, "rule": rule, "notes": notes,

@@ -19,15 +19,7 @@ import pandas as pd
 import scipy.sparse as sp
 from scipy import stats
 
-def _bh(p: np.ndarray) -> np.ndarray:
-    """Benjamini-Hochberg adjusted p-values (statsmodels' ``fdr_bh``), NaN treated as 1 as scanpy does."""
-    p = np.where(np.isnan(p), 1.0, p)
-    n = p.size
-    order = np.argsort(p)
-    adj = np.minimum.accumulate((p[order] * n / np.arange(1, n + 1))[::-1])[::-1]
-    out = np.empty(n)
-    out[order] = np.minimum(adj, 1.0)
-    return out
+from metastem.multitest import bh_adjust
 
 
 @functools.cache
@@ -137,7 +129,8 @@ def wilcoxon_vs_rest(X, groups: pd.Categorical | pd.Series, *, var_names: pd.Ind
     lfc = np.log2((expm1(mean_g) + 1e-9) / (expm1(mean_rest) + 1e-9))
     names = [str(c) for c in cat.categories]
     frame = lambda a: pd.DataFrame(a.T, index=var_names, columns=names)  # noqa: E731
-    return {"scores": frame(z), "pvals": frame(p), "pvals_adj": frame(np.stack([_bh(row) for row in p])),
+    q = np.stack([bh_adjust(row, nan="one") for row in p])
+    return {"scores": frame(z), "pvals": frame(p), "pvals_adj": frame(q),
             "logfoldchanges": frame(lfc), "pts": frame(s["nonzero"] / n_g), "pts_rest": frame(pts_rest)}
 
 

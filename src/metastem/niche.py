@@ -35,6 +35,7 @@ import scipy.sparse as sp
 
 from metastem._keys import Obs, Uns
 from metastem.errors import MetastemError
+from metastem.multitest import bh_adjust
 
 log = logging.getLogger(__name__)
 
@@ -205,16 +206,6 @@ def _complex_stat(stat: np.ndarray, gene_pos: Mapping[str, int], names: pd.Serie
         if idx:
             out[:, j] = stat[:, idx].min(axis=1)
     return out
-
-
-def _bh(p: np.ndarray) -> np.ndarray:
-    q = np.full(p.shape, np.nan)
-    ok = np.isfinite(p)
-    if ok.any():
-        from scipy.stats import false_discovery_control
-
-        q[ok] = false_discovery_control(p[ok])
-    return q
 
 
 # ----------------------------------------------------------------------------- the analysis
@@ -491,7 +482,7 @@ def _tidy(out: pd.DataFrame, sub: ad.AnnData, groups: list[str], species: str, a
                       # (Phipson & Smyth 2010) never reports an impossible p = 0
                       "p": (out["cellphone_pvals"].astype(float) * n_perms + 1) / (n_perms + 1),
                       "lr_mean": out["lr_means"].astype(float)})
-    t["q"] = _bh(t["p"].to_numpy())
+    t["q"] = bh_adjust(t["p"].to_numpy())
     gidx = {g: i for i, g in enumerate(groups)}
     s_i, r_i = t["sender"].map(gidx).to_numpy(), t["receiver"].map(gidx).to_numpy()
     lig_u, rec_u = t["ligand"].unique(), t["receptor"].unique()

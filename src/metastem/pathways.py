@@ -41,6 +41,7 @@ from scipy import stats as ss
 from metastem._keys import Obs
 from metastem.cluster import subsample_per_group
 from metastem.errors import MetastemError
+from metastem.multitest import bh_adjust
 from metastem.genesets import (aucell_grouped, col_sums, gene_set_coverage, read_aliases, read_gmt,
                                score_genes_matrix)
 
@@ -146,22 +147,6 @@ def genes_detected(adata: ad.AnnData, key: str = "n_genes_by_counts") -> np.ndar
         return adata.obs[key].to_numpy(dtype=float)
     X = adata.X if sp.issparse(adata.X) else np.asarray(adata.X)
     return np.asarray((X > 0).sum(axis=1), dtype=float).ravel()
-
-
-def bh_adjust(p: np.ndarray | pd.Series) -> np.ndarray:
-    """Benjamini–Hochberg adjusted p-values; NaN stays NaN and is not counted as a test."""
-    p = np.asarray(p, dtype=float)
-    out = np.full(p.shape, np.nan)
-    ok = np.isfinite(p)
-    n = int(ok.sum())
-    if n:
-        order = np.argsort(p[ok])
-        ranked = p[ok][order] * n / np.arange(1, n + 1)
-        adj = np.minimum.accumulate(ranked[::-1])[::-1].clip(max=1.0)
-        res = np.empty(n)
-        res[order] = adj
-        out[ok] = res
-    return out
 
 
 def csc_contrast(score: np.ndarray, is_csc: np.ndarray) -> tuple[float, float]:
