@@ -38,16 +38,6 @@ else:
     def pytest_xdist_make_scheduler(config, log):
         return SharedRunScheduling(config, log)
 
-# Modules handed out first (workers take whole modules in collection order): the longest whole-workflow runs, so
-# that they do not start last on one worker while the other is idle (in CI the SLURM group ran ~5 min alone).
-LONG_FIRST = ["test_slurm", "test_module", "test_pipeline_demo", "test_resume", "test_determinism", "test_bad_inputs",
-              "test_module_by_tag", "test_api", "test_stemness_optional", "test_bench_smoke", "test_report"]
-
-
-def pytest_collection_modifyitems(config, items):
-    rank = {m: i for i, m in enumerate(LONG_FIRST)}
-    items.sort(key=lambda item: rank.get(item.module.__name__.rpartition(".")[2], len(rank)))   # stable
-
 
 def require(condition: bool, reason: str) -> None:
     """Skip with a reason on a developer machine; fail in CI, where every test must run."""

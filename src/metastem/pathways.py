@@ -41,9 +41,9 @@ from scipy import stats as ss
 from metastem._keys import Obs
 from metastem.cluster import subsample_per_group
 from metastem.errors import MetastemError
-from metastem.multitest import bh_adjust
 from metastem.genesets import (aucell_grouped, col_sums, gene_set_coverage, read_aliases, read_gmt,
                                score_genes_matrix)
+from metastem.multitest import bh_adjust
 
 log = logging.getLogger(__name__)
 
