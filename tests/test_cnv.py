@@ -121,13 +121,13 @@ def test_no_gene_positions_says_so(oligo):
 
 def test_few_positioned_genes_warn_or_skip(tumour):
     """Below the measured floor (cnv.RELIABLE_GENES_WITH_POSITION; benchmarks/cnv_gene_floor.py) calls still run
-    with a note that 'normal' is uncertain; below min_genes_with_position nothing is called, and the note gives
+    with a note that they are uncertain; below min_genes_with_position nothing is called, and the note gives
     that reason (not a missing reference)."""
     a = tumour.copy()
     cnv.infer_malignant(a)  # 3,000 simulated genes, ~2,900 with an autosomal position
     notes = a.uns["malignant"]["notes"]
     assert a.uns["malignant"]["evidence"] == "cnv"
-    assert any("treat 'normal' calls as uncertain" in n for n in notes), notes
+    assert any("treat the calls as uncertain" in n for n in notes), notes
     b = tumour[:, :400].copy()
     cnv.infer_malignant(b, min_genes_with_position=500)
     notes = b.uns["malignant"]["notes"]

@@ -294,9 +294,10 @@ def infercnv_matrix(adata: ad.AnnData, *, reference_key: str | None = None, refe
 
 
 #: Below this many genes with an autosomal position the calls are unreliable on the simulated tumour (3
-#: patients, 6 planted arm-level events each; ``benchmarks/cnv_gene_floor.py``, seeds 0-2, window 100): worst
-#: sensitivity 0.11-0.52 at 300-1200 genes, 0.25-0.66 at 1600-2000, 0.93 at 3000, 0.99 at 4000 (specificity
-#: >= 0.94 throughout; smaller windows of 10-40 genes did not rescue 300-1200). Inference still runs, with a note.
+#: patients, 6 planted arm-level events each; ``benchmarks/cnv_gene_floor.py``, window 100, genes drawn at
+#: random): sensitivity 0.11-0.60 at 300-800 genes (seed 0, two draws), worst 0.40 at 1,200, 0.25 at 1,600 and
+#: 0.66 at 2,000 (seeds 0-2), 0.93 at 3,000 and 0.99 at 4,000; specificity fell to 0.68 on one 500-gene draw and
+#: was >= 0.94 from 800 genes. Windows of 10-40 genes did not rescue 300-1,200. Inference still runs, with a note.
 RELIABLE_GENES_WITH_POSITION = 3000
 
 
@@ -446,10 +447,10 @@ def infer_malignant(adata: ad.AnnData, *, labels_key: str = "",
             evidence = "none"
     else:
         if autosomal < RELIABLE_GENES_WITH_POSITION:
-            notes.append(f"only {autosomal} genes have an autosomal position: copy-number calls miss many malignant "
-                         f"cells below ~{RELIABLE_GENES_WITH_POSITION} (measured on simulated tumours: sensitivity "
-                         "0.25-0.66 at 1,600-2,000 genes, >= 0.93 from 3,000); treat 'normal' calls as uncertain, or "
-                         "name the malignant cells with the sheet's labels column")
+            notes.append(f"only {autosomal} genes have an autosomal position: copy-number calls are unreliable "
+                         f"below ~{RELIABLE_GENES_WITH_POSITION} (measured on simulated tumours: worst sensitivity "
+                         "0.25-0.66 at 1,600-2,000 genes, >= 0.93 from 3,000; specificity down to 0.68 at 500); "
+                         "treat the calls as uncertain, or name the malignant cells with the sheet's labels column")
         ref_cats = sorted(set(ref_label[reference]))
         kw = dict(reference_key="ref", reference_cat=ref_cats) if ref_cats else {}
         if not ref_cats:
@@ -477,14 +478,12 @@ def infer_malignant(adata: ad.AnnData, *, labels_key: str = "",
                                  f"{diag['ashman_d']:.2f} < 2): treat the calls as uncertain")
             else:
                 evidence = "none"
-    if calls is None and autosomal < min_genes_with_position:
+    if calls is None:
         calls = np.ones(n, dtype=bool)
         notes.append("without copy-number inference every cell is kept as malignant; malignant calls are not "
-                     "available for this dataset (name them with the sheet's labels column if they are known)")
-        rule = rule + "; no call made" if rule else "no call made"
-    elif calls is None:
-        calls = np.ones(n, dtype=bool)
-        notes.append("no normal reference (no labels, no declared normal cells, no cluster passing the "
+                     "available for this dataset (name them with the sheet's labels column if they are known)"
+                     if autosomal < min_genes_with_position else
+                     "no normal reference (no labels, no declared normal cells, no cluster passing the "
                      "immune/stromal/endothelial marker rules): every cell is kept as malignant; "
                      "malignant calls are not available for this dataset")
         rule = rule + "; no call made" if rule else "no call made"
