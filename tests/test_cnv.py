@@ -127,7 +127,7 @@ def test_few_positioned_genes_warn_or_skip(tumour):
     cnv.infer_malignant(a)  # 3,000 simulated genes, ~2,900 with an autosomal position
     notes = a.uns["malignant"]["notes"]
     assert a.uns["malignant"]["evidence"] == "cnv"
-    assert any("treat the calls as uncertain" in n for n in notes), notes
+    assert any("copy-number calls are unreliable below" in n for n in notes), notes
     b = tumour[:, :400].copy()
     cnv.infer_malignant(b, min_genes_with_position=500)
     notes = b.uns["malignant"]["notes"]
