@@ -43,10 +43,12 @@ def plot_cluster_heatmap(cluster_means: pd.DataFrame, save: str | os.PathLike | 
     return finish(fig, save, return_fig)
 
 
-def binned_trend(x: np.ndarray, y: np.ndarray, n_bins: int = 25) -> tuple[np.ndarray, np.ndarray]:
+def binned_mean_trend(x: np.ndarray, y: np.ndarray, n_bins: int = 25) -> tuple[np.ndarray, np.ndarray]:
     """Mean of ``y`` in equal-count bins of ``x`` (finite values only), then a 3-bin running mean.
 
-    Equal-count bins keep the noise even where cells are sparse along pseudotime.
+    Equal-count bins keep the noise even where cells are sparse along pseudotime. Means, not the medians of
+    :func:`metastem.plots_pseudotime.binned_trend`: AUCell scores are zero in most cells, so a bin's median
+    is zero along most of pseudotime.
     """
     ok = np.isfinite(x) & np.isfinite(y)
     x, y = x[ok], y[ok]
@@ -72,7 +74,7 @@ def plot_pseudotime_trends(scores: pd.DataFrame, pseudotime: np.ndarray, save: s
     else:
         fig = ax.figure
     for i, s in enumerate(sets):
-        bx, by = binned_trend(np.asarray(pseudotime, dtype=float), z[s].to_numpy(float), n_bins)
+        bx, by = binned_mean_trend(np.asarray(pseudotime, dtype=float), z[s].to_numpy(float), n_bins)
         ax.plot(bx, by, color=LINE_COLORS[i % len(LINE_COLORS)],
                 linestyle=LINESTYLES[(i // len(LINE_COLORS)) % len(LINESTYLES)], lw=1.6, label=s)
     ax.axhline(0, color="#999999", lw=0.6)

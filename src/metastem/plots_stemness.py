@@ -18,9 +18,8 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from scipy.stats import spearmanr  # noqa: E402
 
-from metastem.plots import finish  # noqa: E402
+from metastem.plots import OKABE_ITO, finish  # noqa: E402
 
-OKABE_ITO = ["#E69F00", "#56B4E9", "#009E73", "#F0E442", "#0072B2", "#D55E00", "#CC79A7", "#000000"]
 CONTINUOUS = "viridis"
 
 
