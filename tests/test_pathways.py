@@ -370,7 +370,8 @@ def test_plots_are_written(demo_result, tmp_path):
     scores = adata.obs.filter(like="pathway_")
     fig = pp.plot_pathway_effects(res.details, res.per_sample, save=tmp_path / "effects.png", return_fig=True)
     labels = [t.get_text() for t in fig.axes[0].get_yticklabels()]  # bottom to top: the control at the bottom
-    assert labels[0] == "CSC_MARKERS (positive control)" and len(labels) == (res.details["flag"] == "ok").sum()
+    shown = (res.details["flag"] == "ok") & (res.details["role"] != "niche")  # niche sets are no contrast
+    assert labels[0] == "CSC_MARKERS (positive control)" and len(labels) == shown.sum()
     pp.plot_cluster_heatmap(res.cluster_means, tmp_path / "heat.png")
     pp.plot_pseudotime_trends(scores, adata.obs["pseudotime"].to_numpy(float), tmp_path / "trend.png",
                               sets=list(scores.columns[:9]))

@@ -49,7 +49,13 @@ log = logging.getLogger(__name__)
 
 PREFIX = Obs.PATHWAY_PREFIX  # "pathway_"
 FLAG_OK, FLAG_FEW, FLAG_ABSENT, FLAG_NO_SIGNAL = "ok", "few_genes", "absent", "no_signal"
-ROLE_PATHWAY, ROLE_CONTROL = "pathway", "positive_control"
+ROLE_PATHWAY, ROLE_CONTROL, ROLE_NICHE = "pathway", "positive_control", "niche"
+# Sets named <NAME>_NICHE list what niche cells express (ligands, niche-cell receptors; metastasis_provenance.tsv,
+# column 'side'): CXCL12 is made by stroma, SELE/VCAM1 by endothelium, S100A8/A9 by myeloid cells. They are scored
+# per cell and read per cell type and in the niche ligand-receptor table, never as a CSC-like vs other-malignant
+# contrast (the review's model is a conversation between CSCs and their niche, not a programme of the tumour cell).
+NICHE_SUFFIX = "_NICHE"
+CALL_NICHE = "niche side: read per cell type and in the niche table"
 MIN_GROUP_CELLS = 3          # a sample enters the contrast with at least this many cells in each group
 MIN_REPLICATION_SAMPLES = 3  # 'replicated' needs at least this many samples ...
 MIN_SIGN_FRACTION = 0.8      # ... with the same sign in at least this fraction of them
@@ -103,6 +109,14 @@ def _absent_error(name: str, source: str, species: str, n_genes: int, example: l
                              "or remove the set")
 
 
+def set_role(name: str, positive_controls: Sequence[str] = ()) -> str:
+    """``positive_control`` (defines CSC-like cells), ``niche`` (a name ending in ``_NICHE``: what niche cells
+    express) or ``pathway`` (read out in malignant cells, the tested family)."""
+    if name in set(positive_controls):
+        return ROLE_CONTROL
+    return ROLE_NICHE if str(name).endswith(NICHE_SUFFIX) else ROLE_PATHWAY
+
+
 def pathway_coverage(adata: ad.AnnData, sets: PathwaySets, *, min_genes_found: int = 3,
                      aliases: dict[str, str] | None = None, species: str = "human",
                      exclude_genes: Sequence[str] = (), positive_controls: Sequence[str] = ()) -> pd.DataFrame:
@@ -117,7 +131,7 @@ def pathway_coverage(adata: ad.AnnData, sets: PathwaySets, *, min_genes_found: i
     """
     cov = gene_set_coverage(sets.genes, adata.var_names, aliases)
     cov.insert(1, "source", cov["set"].map(sets.source))
-    cov.insert(2, "role", np.where(cov["set"].isin(list(positive_controls)), ROLE_CONTROL, ROLE_PATHWAY))
+    cov.insert(2, "role", [set_role(name, positive_controls) for name in cov["set"]])
     excluded = set(map(str, exclude_genes))
     used, dropped = [], []
     for rec in cov.itertuples():
@@ -558,6 +572,8 @@ def score_pathways(adata: ad.AnnData, *,
     scored = cov[cov["n_used"] > 0].reset_index(drop=True)
     names = list(scored["set"])
     set_idx = [np.array([var_index[g] for g in u.split(",")], dtype=np.int64) for u in scored["genes_used"]]
+    niche = (scored["role"] == ROLE_NICHE).to_numpy()  # scored per cell, never contrasted (NICHE_SUFFIX)
+    contrasted = np.flatnonzero(~niche)
 
     # Samples with enough CSC-like and other malignant cells enter the contrast.
     n_csc = np.bincount(dsg.sample_codes[dsg.is_csc], minlength=dsg.n_samples)
@@ -586,7 +602,7 @@ def score_pathways(adata: ad.AnnData, *,
         bins, mean_bin = expression_bins(adata.X, groups >= 0, n_mean_bins=null_mean_bins,
                                          n_detection_bins=null_detection_bins)
         eligible = ~np.isin(np.asarray(adata.var_names.astype(str)), list(map(str, exclude_genes)))
-        null = [matched_null_sets(g, bins, mean_bin, eligible, n_drawn, rng) for g in set_idx]
+        null = [matched_null_sets(set_idx[j], bins, mean_bin, eligible, n_drawn, rng) for j in contrasted]
     all_sets = set_idx + [row for block in null for row in block]
     cells_scores, S, Q, NZ = aucell_grouped(adata.X, all_sets, groups, 2 * dsg.n_samples,
                                             n_cell_sets=len(set_idx), top_frac=top_frac)
@@ -606,14 +622,21 @@ def score_pathways(adata: ad.AnnData, *,
     ks = np.flatnonzero(kept)
     d = np.vstack([_cohen_d(S[2 * s + 1], Q[2 * s + 1], gsize[2 * s + 1], S[2 * s], Q[2 * s], gsize[2 * s])
                    for s in ks]) if k else np.zeros((0, len(all_sets)))          # kept samples x all sets
-    d_real = d[:, :n]
-    d_null = d[:, n:].reshape(k, n, n_drawn) if n_drawn else np.zeros((k, n, 0))  # samples x sets x null
-    boot = bootstrap_effects(cells_scores, groups, dsg.n_samples, n_boot=n_boot, seed=seed)[ks] if n and k else \
-        np.zeros((k, n_boot, n))
+    d_real = d[:, :n].copy()
+    d_real[:, niche] = np.nan
+    d_null = np.full((k, n, n_drawn), np.nan)                                    # samples x sets x null
+    if n_drawn:
+        d_null[:, contrasted, :] = d[:, n:].reshape(k, contrasted.size, n_drawn)
+    boot = bootstrap_effects(cells_scores[:, contrasted], groups, dsg.n_samples, n_boot=n_boot,
+                             seed=seed)[ks] if contrasted.size and k else np.zeros((k, n_boot, contrasted.size))
+    boot_full = np.full((k, n_boot, n), np.nan)
+    boot_full[:, :, contrasted] = boot
+    boot = boot_full
     # cells with a non-zero score per kept sample and group; a sample's interval needs MIN_SIGNAL_CELLS CSC-like ones
     nz_csc = NZ[2 * ks + 1, :n] if k else np.zeros((0, n))
     nz_other = NZ[2 * ks, :n] if k else np.zeros((0, n))
     signal = nz_csc >= MIN_SIGNAL_CELLS
+    signal[:, niche] = True  # no interval is computed for a niche set, so none is withheld
     analysed = groups >= 0
     nz_frac = NZ[:, :n].sum(axis=0) / analysed.sum() if analysed.any() else np.full(n, np.nan)
     trend_cells = dsg.cells if skipped else analysed  # no contrast: pseudotime trends over every analysed cell
@@ -623,6 +646,10 @@ def score_pathways(adata: ad.AnnData, *,
 
     rows, sample_rows = [], []
     for j, name in enumerate(names):
+        if niche[j]:  # what niche cells express: read per cell type (cluster means) and in the niche table
+            rows.append({"set": name, "ci_kind": "none: niche side", "n_samples": 0,
+                         "frac_cells_nonzero": nz_frac[j]})
+            continue
         eff_s = d_real[:, j]
         eff = float(_nanmean(eff_s, 0)) if k else np.nan
         null_all = _nanmean(d_null[:, j, :], 0) if k and n_drawn else np.zeros(0)
@@ -703,8 +730,9 @@ def score_pathways(adata: ad.AnnData, *,
     called = family & (out["q_null"] < fdr)
     out["called"] = called
     out["call"] = np.select(
-        [out["role"] == ROLE_CONTROL, out["flag"] != FLAG_OK, called & up, called & ~up],
-        ["positive control (defines CSC-like)", out["flag"].astype(str), "up in CSC-like", "down in CSC-like"],
+        [out["role"] == ROLE_CONTROL, out["flag"] != FLAG_OK, out["role"] == ROLE_NICHE, called & up, called & ~up],
+        ["positive control (defines CSC-like)", out["flag"].astype(str), CALL_NICHE, "up in CSC-like",
+         "down in CSC-like"],
         "not called" if k else "not tested: no CSC-like cells" if skipped else
         "not tested: no sample has CSC-like and other malignant cells")
     if skipped:
@@ -723,7 +751,7 @@ def score_pathways(adata: ad.AnnData, *,
     out["sensitivity_note"] = np.where(sens, "sign flips within samples after regressing out genes detected", "")
     unit = ("none (no CSC-like cells)" if skipped else "sample" if k >= MIN_REPLICATION_SAMPLES else
             f"cells within {k} sample{'s' if k != 1 else ''} (descriptive)")
-    order = out.assign(_c=out["called"].astype(int), _r=(out["role"] == ROLE_PATHWAY).astype(int),
+    order = out.assign(_c=out["called"].astype(int), _r=out["role"].map({ROLE_PATHWAY: 2, ROLE_NICHE: 1}).fillna(0),
                        _a=out["effect_vs_null"].abs().fillna(-1))
     out = order.sort_values(["_r", "_c", "_a"], ascending=False, kind="stable").drop(columns=["_c", "_r", "_a"])
     out = out.reset_index(drop=True)
@@ -868,8 +896,11 @@ def methods_text(params: dict, seed: int, n_samples: int, unit: str, n_excluded:
             f"share their ranks, so scores do not depend on gene order). The {n_excluded} genes of the stemness score "
             "(gene-count signature and stemness sets) were removed from every pathway set before scoring; the sets that "
             f"define CSC-like cells ({', '.join(params['positive_controls']) or 'none'}) were scored as positive "
-            "controls and never called. Only malignant cells were compared (CSC-like vs other malignant cells, "
-            f"Cohen's d within each sample, {params['n_boot']} bootstrap replicates for its 95 % CI). Each set was "
+            "controls and never called. Sets of what niche cells express (names ending in _NICHE: ligands and "
+            "niche-cell receptors) were scored per cell and read per cell type and in the ligand-receptor analysis, "
+            "never contrasted within malignant cells. Only malignant cells were compared (CSC-like vs other "
+            f"malignant cells, Cohen's d within each sample, {params['n_boot']} bootstrap replicates for its 95 % CI, "
+            f"given when at least {MIN_SIGNAL_CELLS} CSC-like cells of the sample score above zero). Each set was "
             f"compared with {params['n_null']} random gene sets of the same size matched gene by gene on bins of mean "
             "expression x detection and scored in the same pass; a set is called when the BH-adjusted empirical p is "
             f"below {params['fdr']}. {rep[0].upper() + rep[1:]}. Unit of replication: {unit}. GSEA prerank (gseapy; Wilcoxon "
