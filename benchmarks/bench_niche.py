@@ -25,6 +25,7 @@ import resource
 import time
 
 import numpy as np
+import pandas as pd
 
 
 def prepared(n_cells: int, n_genes: int, n_samples: int, seed: int = 0):
@@ -36,8 +37,7 @@ def prepared(n_cells: int, n_genes: int, n_samples: int, seed: int = 0):
     o = a.obs
     malignant = o["true_malignant"].to_numpy(bool)
     kind = np.where(malignant, "malignant_" + o["true_state"].astype(str), o["true_cell_type"].astype(str))
-    o["leiden"] = np.asarray(kind, dtype=str)
-    o["leiden"] = o["leiden"].astype("category")
+    o["leiden"] = pd.Categorical(np.asarray(kind, dtype=str))
     o["malignant"] = malignant
     o["csc_like"] = malignant & o["true_stem_like"].to_numpy(bool)
     return a
@@ -62,7 +62,8 @@ def main() -> None:
         dt = time.perf_counter() - t0
         table = niche.interactions_table(a)
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-        print(f"{a.n_obs:6d} {args.samples:7d} {a.obs['leiden'].nunique():7d} | {dt:7.1f} | {len(table):12d} | {rss:.2f}")
+        groups = a.obs["leiden"].nunique()
+        print(f"{a.n_obs:6d} {args.samples:7d} {groups:7d} | {dt:7.1f} | {len(table):12d} | {rss:.2f}")
 
 
 if __name__ == "__main__":

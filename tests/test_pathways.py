@@ -254,7 +254,7 @@ def test_a_set_that_scores_nothing_is_no_signal_not_ok():
 def test_no_interval_from_fewer_than_five_cells_with_signal():
     """A bootstrap over cells cannot see how often a sparse score is non-zero: with 0-4 CSC-like cells with
     signal every resample holds the same few and the interval is far too narrow (benchmarks/pathway_ci_coverage.py:
-    14 % of the intervals with no such cell covered the population effect). Then no interval is given, and the
+    13 % of the intervals with no such cell covered the population effect). Then no interval is given, and the
     notes say why."""
     a, rng = _depth_only(600, 1200)
     csc = np.arange(a.n_obs) % 10 == 0

@@ -62,8 +62,9 @@ MIN_SIGN_FRACTION = 0.8      # ... with the same sign in at least this fraction 
 # A sample's bootstrap CI needs at least this many CSC-like cells with a non-zero score. With fewer, every resample
 # holds the same few (often none) and the interval is far too narrow; a zero count says least in the smaller group.
 # Measured on the demo tumour (true groups, every shipped set, seeds 0-2, against a 10x larger draw of the same
-# patients): 76 % of all intervals covered the population effect, 95 % of those with >= 5 CSC-like cells with
-# signal; requiring 5 in the other group as well withheld more and covered no better (benchmarks/pathway_ci_coverage.py).
+# patients): 78 % of all intervals covered the population effect, 13 % with no such cell, 92 % of those with >= 5
+# CSC-like cells with signal; requiring 5 in the other group as well withheld more and covered no better
+# (benchmarks/pathway_ci_coverage.py).
 MIN_SIGNAL_CELLS = 5
 SUMMARY_COLUMNS = ["set", "effect", "ci_low", "ci_high", "q_null", "replicated", "call"]
 
@@ -492,7 +493,8 @@ def score_pathways(adata: ad.AnnData, *,
                    gene_sets: Sequence[str] | Mapping[str, Sequence[str]] = ("metastem:metastasis_{species}.gmt",),
                    extra_gene_sets: Sequence[str] = (),
                    species: str | None = None, scorer: str = "aucell", n_null: int = 1000, n_boot: int = 1000,
-                   min_genes_found: int = 3, min_signal_frac: float = 0.01, fdr: float = 0.05,
+                   min_genes_found: int = 3, min_signal_frac: float = 0.01,
+                   min_signal_cells: int = MIN_SIGNAL_CELLS, fdr: float = 0.05,
                    positive_controls: Sequence[str] = ("CSC_MARKERS",), exclude_genes: Sequence[str] | None = None,
                    aliases: str | dict[str, str] | None = "metastem:aliases_human.tsv", ctrl_size: int = 50,
                    top_frac: float = 0.05, null_mean_bins: int = 10, null_detection_bins: int = 5,
@@ -519,7 +521,7 @@ def score_pathways(adata: ad.AnnData, *,
         excluded genes. Empirical p = (1 + #null at least as far from the null mean) / (1 + n_null).
     n_boot
         Bootstrap replicates of each sample's cells for the per-sample 95 % CI. An interval is given only
-        when the sample holds at least ``MIN_SIGNAL_CELLS`` (5) CSC-like cells with a non-zero score
+        when the sample holds at least ``min_signal_cells`` CSC-like cells with a non-zero score
         (``n_signal_csc_like``; ``n_signal_other`` for the other group, in the per-sample table): with fewer,
         the bootstrap resamples the same few cells and its interval misses the population effect far more
         often than 5 %. The set's own CI from the bootstrap (fewer than 3 samples) needs it in every sample.
@@ -622,21 +624,18 @@ def score_pathways(adata: ad.AnnData, *,
     ks = np.flatnonzero(kept)
     d = np.vstack([_cohen_d(S[2 * s + 1], Q[2 * s + 1], gsize[2 * s + 1], S[2 * s], Q[2 * s], gsize[2 * s])
                    for s in ks]) if k else np.zeros((0, len(all_sets)))          # kept samples x all sets
-    d_real = d[:, :n].copy()
-    d_real[:, niche] = np.nan
+    d_real = d[:, :n]
     d_null = np.full((k, n, n_drawn), np.nan)                                    # samples x sets x null
     if n_drawn:
         d_null[:, contrasted, :] = d[:, n:].reshape(k, contrasted.size, n_drawn)
-    boot = bootstrap_effects(cells_scores[:, contrasted], groups, dsg.n_samples, n_boot=n_boot,
-                             seed=seed)[ks] if contrasted.size and k else np.zeros((k, n_boot, contrasted.size))
-    boot_full = np.full((k, n_boot, n), np.nan)
-    boot_full[:, :, contrasted] = boot
-    boot = boot_full
-    # cells with a non-zero score per kept sample and group; a sample's interval needs MIN_SIGNAL_CELLS CSC-like ones
+    boot = np.full((k, n_boot, n), np.nan)                                       # samples x replicates x sets
+    if contrasted.size and k:
+        boot[:, :, contrasted] = bootstrap_effects(cells_scores[:, contrasted], groups, dsg.n_samples,
+                                                   n_boot=n_boot, seed=seed)[ks]
+    # cells with a non-zero score per kept sample and group; a sample's interval needs min_signal_cells CSC-like ones
     nz_csc = NZ[2 * ks + 1, :n] if k else np.zeros((0, n))
     nz_other = NZ[2 * ks, :n] if k else np.zeros((0, n))
-    signal = nz_csc >= MIN_SIGNAL_CELLS
-    signal[:, niche] = True  # no interval is computed for a niche set, so none is withheld
+    signal = nz_csc >= min_signal_cells
     analysed = groups >= 0
     nz_frac = NZ[:, :n].sum(axis=0) / analysed.sum() if analysed.any() else np.full(n, np.nan)
     trend_cells = dsg.cells if skipped else analysed  # no contrast: pseudotime trends over every analysed cell
@@ -707,9 +706,10 @@ def score_pathways(adata: ad.AnnData, *,
                 "null_high": np.quantile(nd, 0.975) if nd.size else np.nan,
                 "p_null": ((1 + int((np.abs(nd - nd.mean()) >= abs(eff_s[i] - nd.mean()) - 1e-12).sum()))
                            / (1 + nd.size)) if nd.size and np.isfinite(eff_s[i]) else np.nan})
-    if k and not signal.all():
-        notes.append(f"{int((~signal).sum())} of {signal.size} per-sample intervals not given: fewer than "
-                     f"{MIN_SIGNAL_CELLS} CSC-like cells with a non-zero score, where resampling the same few cells "
+    withheld = ~signal[:, contrasted]  # niche sets have no interval, so none of theirs is withheld
+    if withheld.any():
+        notes.append(f"{int(withheld.sum())} of {withheld.size} per-sample intervals not given: fewer than "
+                     f"{min_signal_cells} CSC-like cells with a non-zero score, where resampling the same few cells "
                      "gives an interval far narrower than the truth")
     stats_cols = ["set", "effect", "ci_low", "ci_high", "ci_kind", "null_mean", "null_low", "null_high",
                   "effect_vs_null", "z_null", "p_null", "n_samples", "frac_same_sign", "p_replication",
@@ -760,7 +760,8 @@ def score_pathways(adata: ad.AnnData, *,
                      f"sets each (BH q < {fdr} on the empirical p); unit of replication: {unit}")
     params = {"gene_sets": gene_sets, "extra_gene_sets": list(extra_gene_sets), "species": species, "scorer": scorer,
               "n_null": n_null, "n_boot": n_boot, "min_genes_found": min_genes_found,
-              "min_signal_frac": min_signal_frac, "fdr": fdr, "positive_controls": list(positive_controls),
+              "min_signal_frac": min_signal_frac, "min_signal_cells": min_signal_cells, "fdr": fdr,
+              "positive_controls": list(positive_controls),
               "n_excluded_genes": len(exclude_genes), "top_frac": top_frac, "null_mean_bins": null_mean_bins,
               "null_detection_bins": null_detection_bins, "seed": seed, "csc_key": csc_key,
               "malignant_key": malignant_key, "sample_key": sample_key}
@@ -768,8 +769,8 @@ def score_pathways(adata: ad.AnnData, *,
                             "samples": [dsg.samples[s] for s in ks] or ["none"], "notes_json": json.dumps(notes),
                             "skipped": skipped or ""}
     res = PathwayStats(coverage=cov, details=out, per_sample=pd.DataFrame(sample_rows, columns=[
-        "set", "sample", "n_csc_like", "n_other", "n_signal_csc_like", "n_signal_other", "effect", "ci_low", "ci_high", "null_mean", "null_low", "null_high",
-        "p_null"]), notes=notes, n_samples=k, unit=unit, skipped=skipped)
+        "set", "sample", "n_csc_like", "n_other", "n_signal_csc_like", "n_signal_other", "effect", "ci_low", "ci_high",
+        "null_mean", "null_low", "null_high", "p_null"]), notes=notes, n_samples=k, unit=unit, skipped=skipped)
     return (adata, res) if copy else res
 
 
@@ -836,7 +837,8 @@ def run_pathways(adata: ad.AnnData, params: dict, *, species: str, seed: int = 0
     st = score_pathways(adata, gene_sets=params["gene_sets"], extra_gene_sets=params["extra_gene_sets"],
                         species=species, scorer=params["scorer"], n_null=params["n_null"], n_boot=params["n_boot"],
                         min_genes_found=params["min_genes_found"], min_signal_frac=params["min_signal_frac"],
-                        fdr=params["fdr"], positive_controls=params["positive_controls"],
+                        min_signal_cells=params["min_signal_cells"], fdr=params["fdr"],
+                        positive_controls=params["positive_controls"],
                         exclude_genes=exclude_genes, aliases=aliases_path if aliases_path else params["aliases"],
                         ctrl_size=params["ctrl_size"], csc_key=csc_key, seed=seed)
     notes = list(st.notes)
@@ -900,7 +902,8 @@ def methods_text(params: dict, seed: int, n_samples: int, unit: str, n_excluded:
             "niche-cell receptors) were scored per cell and read per cell type and in the ligand-receptor analysis, "
             "never contrasted within malignant cells. Only malignant cells were compared (CSC-like vs other "
             f"malignant cells, Cohen's d within each sample, {params['n_boot']} bootstrap replicates for its 95 % CI, "
-            f"given when at least {MIN_SIGNAL_CELLS} CSC-like cells of the sample score above zero). Each set was "
+            f"given when at least {params['min_signal_cells']} CSC-like cells of the sample score above zero). "
+            "Each set was "
             f"compared with {params['n_null']} random gene sets of the same size matched gene by gene on bins of mean "
             "expression x detection and scored in the same pass; a set is called when the BH-adjusted empirical p is "
             f"below {params['fdr']}. {rep[0].upper() + rep[1:]}. Unit of replication: {unit}. GSEA prerank (gseapy; Wilcoxon "
